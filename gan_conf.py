@@ -1,0 +1,210 @@
+"""Configurations and networks of the PaddlePaddle GAN tutorial, in PyTorch.
+
+Two model families, as in the original `gan_conf.py` and `gan_conf_image.py`:
+
+* uniform: a fully-connected generator and discriminator with one batch norm
+  each, learning the 2-D uniform distribution on [0, 1)^2;
+* mnist / cifar: the DCGAN variant, transposed convolutions in G and
+  convolutions in D.
+
+Both discriminators end in a 2-way classifier (label 1 = real, 0 = fake).  The
+softmax is folded into the cross-entropy cost (`F.cross_entropy` on logits),
+which is the same function with better numerics.
+
+Every batch norm normalises with the statistics of the batch in hand, in
+training and in sampling alike (Paddle's `use_global_stats=False`): no running
+averages exist anywhere, so `model.eval()` changes nothing.
+"""
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GANConfig:
+    data_source: str
+    sample_shape: tuple  # (2,) for points, (C, H, W) for images
+    noise_dim: int
+    lr: float
+    beta1: float = 0.5
+    batch_size: int = 128
+    iters_per_pass: int = 1000
+    passes: int = 100
+    hidden_dim: int = 10  # uniform nets
+    gf_dim: int = 64      # image nets: G's base width
+    df_dim: int = 64      # image nets: D's base width
+
+    @property
+    def is_image(self):
+        return len(self.sample_shape) == 3
+
+    def to_dict(self):
+        return asdict(self)
+
+
+CONFIGS = {
+    "uniform": GANConfig("uniform", (2,), noise_dim=10, lr=1e-4, iters_per_pass=10000),
+    "mnist": GANConfig("mnist", (1, 28, 28), noise_dim=100, lr=2e-4),
+    "cifar": GANConfig("cifar", (3, 32, 32), noise_dim=100, lr=2e-4),
+}
+
+
+# ---------------------------------------------------------------- uniform
+
+def batch_norm_1d(n):
+    return nn.BatchNorm1d(n, track_running_stats=False)
+
+
+def batch_norm_2d(n):
+    return nn.BatchNorm2d(n, track_running_stats=False)
+
+
+class UniformGenerator(nn.Sequential):
+    """noise(10) -> fc 10 + ReLU -> fc 10 -> batch norm + ReLU -> fc 2."""
+
+    def __init__(self, cfg):
+        h = cfg.hidden_dim
+        super().__init__(
+            nn.Linear(cfg.noise_dim, h), nn.ReLU(),
+            nn.Linear(h, h), batch_norm_1d(h), nn.ReLU(),
+            nn.Linear(h, cfg.sample_shape[0]),
+        )
+        init_uniform_net(self)
+
+
+class UniformDiscriminator(nn.Sequential):
+    """sample(2) -> fc 10 + ReLU -> fc 10 -> batch norm + ReLU -> fc 2 (logits)."""
+
+    def __init__(self, cfg):
+        h = cfg.hidden_dim
+        super().__init__(
+            nn.Linear(cfg.sample_shape[0], h), nn.ReLU(),
+            nn.Linear(h, h), batch_norm_1d(h), nn.ReLU(),
+            nn.Linear(h, 2),
+        )
+        init_uniform_net(self)
+
+
+def init_uniform_net(net):
+    # Paddle v1 defaults for fc weights (normal, std 1/sqrt(fan_in)); the original
+    # config set every bias, the batch-norm shift included, to 1.0.
+    for m in net.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, m.in_features ** -0.5)
+            nn.init.constant_(m.bias, 1.0)
+        elif isinstance(m, nn.BatchNorm1d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.constant_(m.bias, 1.0)
+
+
+# ---------------------------------------------------------------- images
+
+def conv_kernel_padding(big, small):
+    """Kernel size and padding of a stride-2 (transposed) conv between sizes big <-> small.
+
+    The rule of the original gan_conf_image.py: d = big - (small - 1) * 2 is what
+    the kernel must cover beyond the strides; d <= 3 is met with kernel d + 2 and
+    padding 1, 3 < d <= 5 with kernel d and no padding.
+    """
+    d = big - (small - 1) * 2
+    if d <= 1 or d > 5:
+        raise ValueError(f"no stride-2 conv maps size {big} to {small} (d = {d})")
+    return (d + 2, 1) if d <= 3 else (d, 0)
+
+
+def image_sizes(cfg):
+    s = cfg.sample_shape[1]
+    return s, s // 2, s // 4, s // 8
+
+
+def conv(c_in, c_out, big, small):
+    k, p = conv_kernel_padding(big, small)
+    return nn.Conv2d(c_in, c_out, k, stride=2, padding=p)
+
+
+def deconv(c_in, c_out, small, big):
+    k, p = conv_kernel_padding(big, small)
+    return nn.ConvTranspose2d(c_in, c_out, k, stride=2, padding=p)
+
+
+class ImageGenerator(nn.Module):
+    """z -> fc -> 256 x s8 x s8 -> deconv 128 x s4 -> deconv 64 x s2 -> deconv C x s, tanh."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        c = cfg.sample_shape[0]
+        s, s2, s4, s8 = image_sizes(cfg)
+        g = cfg.gf_dim
+        self.start = (g * 4, s8, s8)
+        self.fc = nn.Linear(cfg.noise_dim, g * 4 * s8 * s8)
+        # Paddle's batch_norm_layer(num_channels=256, img_size=s8) after the fc
+        # normalises per channel of the 256 x s8 x s8 map: BatchNorm2d after the reshape.
+        self.convs = nn.Sequential(
+            batch_norm_2d(g * 4), nn.ReLU(),
+            deconv(g * 4, g * 2, s8, s4), batch_norm_2d(g * 2), nn.ReLU(),
+            deconv(g * 2, g, s4, s2), batch_norm_2d(g), nn.ReLU(),
+            deconv(g, c, s2, s), nn.Tanh(),
+        )
+        init_image_net(self)
+
+    def forward(self, z):
+        return self.convs(self.fc(z).view(-1, *self.start))
+
+
+class ImageDiscriminator(nn.Module):
+    """image -> conv 64 x s2 -> conv 128 x s4 (bn) -> conv 256 x s8 (bn) -> fc 2 (logits)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        c = cfg.sample_shape[0]
+        s, s2, s4, s8 = image_sizes(cfg)
+        d = cfg.df_dim
+        self.convs = nn.Sequential(
+            conv(c, d, s, s2), nn.ReLU(),
+            conv(d, d * 2, s2, s4), batch_norm_2d(d * 2), nn.ReLU(),
+            conv(d * 2, d * 4, s4, s8), batch_norm_2d(d * 4), nn.ReLU(),
+        )
+        self.fc = nn.Linear(d * 4 * s8 * s8, 2)
+        init_image_net(self)
+
+    def forward(self, x):
+        return self.fc(self.convs(x).flatten(1))
+
+
+def init_image_net(net):
+    # DCGAN initialisation, as in gan_conf_image.py.
+    for m in net.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+def build_nets(cfg):
+    """(generator, discriminator) for a configuration."""
+    if cfg.is_image:
+        return ImageGenerator(cfg), ImageDiscriminator(cfg)
+    return UniformGenerator(cfg), UniformDiscriminator(cfg)
+
+
+# ---------------------------------------------------------------- evaluation
+
+class DigitClassifier(nn.Module):
+    """A small MNIST classifier whose penultimate features serve the classifier FID."""
+
+    feature_dim = 128
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 7 * 7, self.feature_dim), nn.ReLU(),
+        )
+        self.head = nn.Linear(self.feature_dim, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x))

@@ -1,0 +1,987 @@
+"""Train the GAN of the PaddlePaddle tutorial (uniform, mnist or cifar), generate, evaluate.
+
+    python gan_trainer.py -d mnist --use_gpu 1          # train (100 passes)
+    python gan_trainer.py -d mnist --resume             # continue an interrupted run
+    python gan_trainer.py -d mnist --generate 64        # apply the trained generator
+    python gan_trainer.py -d mnist --evaluate           # score it
+
+Reads top to bottom like the algorithm: data, the choice rule, the training
+step, outputs, checkpoints, evaluation, the loop, the command line.
+"""
+import argparse
+import contextlib
+import dataclasses
+import gzip
+import json
+import math
+import os
+import pickle
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gan_conf import CONFIGS, DigitClassifier, GANConfig, build_nets
+
+MAX_STRIKE = 5       # a net trains at most this many iterations in a row
+LOG_PERIOD = 100     # iterations between loss lines; batches between trainer summaries
+MNIST_SCRIPT = "data/get_mnist_data.sh"
+CIFAR_SCRIPT = "data/download_cifar.sh"
+
+
+class UserError(Exception):
+    """Bad input: reported as one line on stderr, exit status 1, no traceback."""
+
+
+# ====================================================================== data
+
+def read_idx(path, magic, item_shape):
+    """An IDX file (optionally gzipped) as a uint8 array of shape (n, *item_shape)."""
+    path = Path(path)
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise UserError(f"{path}: cannot read ({e}); fetch it again with {MNIST_SCRIPT}")
+    dims = len(item_shape) + 1
+    header = 4 + 4 * dims
+    if len(raw) < header:
+        raise UserError(f"{path}: truncated IDX file ({len(raw)} bytes, shorter than its header)")
+    found = int.from_bytes(raw[:4], "big")
+    if found != magic:
+        raise UserError(f"{path}: not an IDX file of this kind (magic number {found}, expected {magic})")
+    shape = [int.from_bytes(raw[4 + 4 * k:8 + 4 * k], "big") for k in range(dims)]
+    if tuple(shape[1:]) != tuple(item_shape):
+        raise UserError(f"{path}: items of shape {tuple(shape[1:])}, expected {tuple(item_shape)}")
+    size = math.prod(shape)
+    if len(raw) - header != size:
+        raise UserError(f"{path}: truncated or padded IDX file: header says {shape[0]} items "
+                        f"({size} bytes of data), file holds {len(raw) - header}")
+    return np.frombuffer(raw, np.uint8, size, header).reshape(shape)
+
+
+def find_mnist_file(data_dir, name):
+    """data_dir/mnist_data/<name>, or the .gz beside it."""
+    for path in (Path(data_dir) / "mnist_data" / name, Path(data_dir) / "mnist_data" / (name + ".gz")):
+        if path.exists():
+            return path
+    raise UserError(f"MNIST file {Path(data_dir) / 'mnist_data' / name} not found: "
+                    f"run {MNIST_SCRIPT} (cd data && ./get_mnist_data.sh)")
+
+
+def load_mnist(data_dir, split="train"):
+    """MNIST images as uint8 (n, 1, 28, 28)."""
+    prefix = "train" if split == "train" else "t10k"
+    images = read_idx(find_mnist_file(data_dir, f"{prefix}-images-idx3-ubyte"), 2051, (28, 28))
+    return images[:, None]
+
+
+def load_mnist_labels(data_dir, split="train"):
+    prefix = "train" if split == "train" else "t10k"
+    return read_idx(find_mnist_file(data_dir, f"{prefix}-labels-idx1-ubyte"), 2049, ())
+
+
+def load_cifar(data_dir):
+    """The five CIFAR-10 training batches as uint8 (n, 3, 32, 32)."""
+    folder = Path(data_dir) / "cifar-10-batches-py"
+    batches = []
+    for k in range(1, 6):
+        path = folder / f"data_batch_{k}"
+        if not path.exists():
+            raise UserError(f"CIFAR-10 file {path} not found: run {CIFAR_SCRIPT} (cd data && ./download_cifar.sh)")
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")
+            rows = np.asarray(batch[b"data"] if b"data" in batch else batch["data"])
+        except Exception as e:  # any unpickling failure means a damaged file
+            raise UserError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e})")
+        if rows.dtype != np.uint8 or rows.ndim != 2 or rows.shape[1] != 3072:
+            raise UserError(f"{path}: 'data' is {rows.dtype} of shape {rows.shape}, "
+                            "expected uint8 rows of 3072 bytes (32x32 pixels, R then G then B)")
+        batches.append(rows.reshape(-1, 3, 32, 32))
+    return np.concatenate(batches)
+
+
+def load_data(cfg, data_dir, device, seed=0):
+    """The whole training set as one tensor on the training device.
+
+    Images stay uint8 (a quarter of the memory) and become [-1, 1] floats per batch.
+    The uniform points come from their own generator, so a resumed run sees the same ones.
+    """
+    if cfg.data_source == "uniform":
+        return torch.rand(1_000_000, 2, generator=torch.Generator().manual_seed(seed)).to(device)
+    images = load_mnist(data_dir) if cfg.data_source == "mnist" else load_cifar(data_dir)
+    if len(images) < cfg.batch_size:
+        raise UserError(f"{cfg.data_source}: only {len(images)} images, fewer than a batch of {cfg.batch_size}")
+    return torch.from_numpy(images.copy()).to(device)
+
+
+def to_unit_range(data):
+    """uint8 images -> floats in [-1, 1], the original's x / 255 * 2 - 1; points pass through."""
+    return data.float() / 255 * 2 - 1 if data.dtype == torch.uint8 else data
+
+
+def draw_indices(n, batch_size, device):
+    """batch_size distinct row indices out of n, uniformly at random (the original's
+    numpy.random.choice(n, batch_size, replace=False)), without an O(n) permutation."""
+    if 4 * batch_size > n:
+        return torch.randperm(n, device=device)[:batch_size]
+    while True:  # rejection: a retry is rare (13% for mnist, 0.8% for uniform)
+        idx = torch.randint(n, (batch_size,), device=device)
+        if torch.unique(idx).numel() == batch_size:
+            return idx
+
+
+def real_batch(data, batch_size):
+    return to_unit_range(data[draw_indices(len(data), batch_size, data.device)])
+
+
+# ====================================================================== the choice rule
+
+@dataclasses.dataclass
+class Schedule:
+    """Which net trained last and how many iterations in a row (the original's curr_train, curr_strike)."""
+    net: str = "dis"
+    strike: int = 0
+
+
+def choose_net(schedule, d_loss_larger, max_strike=MAX_STRIKE):
+    """'dis' or 'gen': the net with the larger loss trains, but never more than max_strike in a row."""
+    dis_exhausted = schedule.net == "dis" and schedule.strike == max_strike
+    gen_exhausted = schedule.net == "gen" and schedule.strike == max_strike
+    return "dis" if not dis_exhausted and (gen_exhausted or d_loss_larger) else "gen"
+
+
+def advance(schedule, net):
+    """The schedule after training `net`."""
+    return Schedule(net, schedule.strike + 1 if net == schedule.net else 1)
+
+
+# ====================================================================== one training iteration
+
+REAL, FAKE = 1, 0
+
+
+def cost(logits, label):
+    """Cross-entropy of the 2-way softmax against one label for the whole batch."""
+    return F.cross_entropy(logits.float(), torch.full((len(logits),), label, device=logits.device))
+
+
+def error(logits, label):
+    """D's classification error on the batch (share classified as not `label`)."""
+    return (logits.argmax(1) != label).float().mean()
+
+
+@dataclasses.dataclass
+class Step:
+    """What one iteration computed; tensors stay on the device until logged."""
+    d_pos_loss: torch.Tensor
+    d_neg_loss: torch.Tensor
+    g_loss: torch.Tensor
+    real_logits: torch.Tensor
+    fake_logits: torch.Tensor
+    net: str = ""
+    batches: list = dataclasses.field(default_factory=list)  # (cost, error) of each training batch
+
+
+def train_step(gen, dis, opt_g, opt_d, x, z, schedule, autocast):
+    """One iteration of the original: evaluate the four losses, choose a net, train it.
+
+    Work is shared where the parameters have not changed in between: one forward
+    of D on G(z) gives d_neg_loss and g_loss and serves the update that follows;
+    D(x) is evaluated without a graph because D's update on x comes after its
+    update on G(z) and must be recomputed anyway.
+    """
+    with autocast():
+        fake = gen(z)
+        fake_logits = dis(fake)
+        with torch.no_grad():
+            real_logits = dis(x)
+    step = Step(cost(real_logits, REAL), cost(fake_logits, FAKE), cost(fake_logits, REAL),
+                real_logits, fake_logits)
+    # d_loss is the float64 mean of the two, as the original computed it in Python.
+    d_loss = (step.d_pos_loss.double() + step.d_neg_loss.double()) / 2
+    d_larger, finite = torch.stack([d_loss > step.g_loss.double(),
+                                    torch.isfinite(d_loss + step.g_loss)]).tolist()
+    if not finite:
+        return step  # net stays "": the caller stops the run
+    step.net = choose_net(schedule, d_larger)
+    if step.net == "dis":
+        # D: one update on the fake batch (its graph is at hand), then one on the real batch.
+        opt_d.zero_grad(set_to_none=True)
+        step.d_neg_loss.backward(inputs=list(dis.parameters()))
+        opt_d.step()
+        opt_d.zero_grad(set_to_none=True)
+        with autocast():
+            logits = dis(x)
+        real_cost = cost(logits, REAL)
+        real_cost.backward()
+        opt_d.step()
+        step.batches = [(step.d_neg_loss.detach(), error(fake_logits, FAKE)),
+                        (real_cost.detach(), error(logits, REAL))]
+    else:
+        # G: one update through the unchanged D, with label "real".
+        opt_g.zero_grad(set_to_none=True)
+        step.g_loss.backward(inputs=list(gen.parameters()))
+        opt_g.step()
+        step.batches = [(step.g_loss.detach(), error(fake_logits, REAL))]
+    return step
+
+
+class TrainerLog:
+    """Paddle's per-trainer summary: every 100 of this net's batches, its average cost and D's error."""
+
+    def __init__(self, name, batch_size):
+        self.name, self.batch_size = name, batch_size
+        self.reset_pass()
+
+    def reset_pass(self):
+        self.batches = 0
+        self.pass_sums = torch.zeros(2, dtype=torch.float64)
+        self.window_sums = torch.zeros(2, dtype=torch.float64)
+
+    def add(self, cost_value, error_value):
+        """Accumulate on the device; returns a summary line every LOG_PERIOD batches."""
+        if self.window_sums.device != cost_value.device:
+            self.pass_sums = self.pass_sums.to(cost_value.device)
+            self.window_sums = self.window_sums.to(cost_value.device)
+        self.window_sums += torch.stack([cost_value.double(), error_value.double()])
+        self.batches += 1
+        if self.batches % LOG_PERIOD:
+            return None
+        self.pass_sums += self.window_sums
+        (avg_cost, avg_err), (cur_cost, cur_err) = (self.pass_sums / self.batches).tolist(), \
+            (self.window_sums / LOG_PERIOD).tolist()
+        self.window_sums.zero_()
+        metric = f"{self.name}_training_error"
+        return (f"Batch={self.batches} samples={self.batches * self.batch_size} "
+                f"AvgCost={avg_cost:.6g} CurrentCost={cur_cost:.6g} Eval: {metric}={avg_err:.6g}  "
+                f"CurrentEval: {metric}={cur_err:.6g}")
+
+    def state_dict(self):
+        return {"batches": self.batches, "pass_sums": self.pass_sums.cpu(), "window_sums": self.window_sums.cpu()}
+
+    def load_state_dict(self, state):
+        self.batches = state["batches"]
+        self.pass_sums, self.window_sums = state["pass_sums"].clone(), state["window_sums"].clone()
+
+
+def loss_lines(step):
+    """The tutorial's two log lines (float32 values as %g, d_loss with 12 digits like Python 2's str)."""
+    d_pos, d_neg, g = (v.item() for v in (step.d_pos_loss, step.d_neg_loss, step.g_loss))
+    d_loss = (d_pos + d_neg) / 2
+    return (f"d_pos_loss is {d_pos:.6g}     d_neg_loss is {d_neg:.6g}",
+            f"d_loss is {d_loss:.12g}    g_loss is {g:.6g}")
+
+
+# ====================================================================== outputs
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
+
+    A crash or a kill at any moment leaves either the old file or the new one under
+    the final name, never a half-written one.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@torch.no_grad()
+def generate_samples(gen, noise, batch_size):
+    """G's output for `noise`, in batches of batch_size: batch norm sees the batch
+    statistics G was trained with (the last batch is topped up with extra noise)."""
+    out = []
+    for chunk in noise.split(batch_size):
+        if len(chunk) < batch_size:
+            extra = torch.randn(batch_size - len(chunk), chunk.shape[1], device=chunk.device)
+            out.append(gen(torch.cat([chunk, extra]))[:len(chunk)])
+        else:
+            out.append(gen(chunk))
+    return torch.cat(out).float()
+
+
+def save_sample_grid(images, path):
+    """An 8 x 8 grid of the first 64 images, no padding (224 x 224 for mnist, 256 x 256 for cifar)."""
+    from torchvision.utils import save_image
+    with atomic_path(path) as tmp:
+        save_image(images[:64].cpu(), tmp, nrow=8, padding=0, normalize=True, value_range=(-1, 1), format="png")
+
+
+def save_scatter(points, path, title=""):
+    """Generated 2-D points over the target square [0, 1]^2, on fixed axes so passes compare."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pts = points.cpu().numpy()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.add_patch(plt.Rectangle((0, 0), 1, 1, fill=False, color="tab:red", lw=1.5, label="target [0,1]^2"))
+    ax.scatter(pts[:, 0], pts[:, 1], s=4, alpha=0.6, label="generated")
+    ax.set(xlim=(-0.5, 1.5), ylim=(-0.5, 1.5), aspect="equal", title=title)
+    ax.legend(loc="upper right", fontsize=8)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+
+
+def save_samples(samples, path, title=""):
+    if samples.dim() == 4:
+        save_sample_grid(samples, path)
+    else:
+        save_scatter(samples, path, title)
+
+
+def plot_losses(metrics, path):
+    """losses.png: the four losses at the logged iterations and the share of iterations D trained."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if not metrics:
+        return
+    x = [m["step"] for m in metrics]
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
+    for key in ("d_pos_loss", "d_neg_loss", "d_loss", "g_loss"):
+        ax.plot(x, [m[key] for m in metrics], label=key, lw=1)
+    ax.axhline(math.log(2), color="k", ls="--", lw=0.8, label="-log(0.5)")
+    ax.set(ylabel="cross-entropy")
+    ax.legend(fontsize=8, ncol=5)
+    ax2.plot(x, [m["d_share"] for m in metrics], color="tab:purple", lw=1)
+    ax2.set(xlabel="iteration", ylabel="share D trained", ylim=(0, 1))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+
+
+def write_progress_gif(samples_dir, passes, path):
+    """progress.gif: the per-pass pictures (same fixed noise) as an animation."""
+    from PIL import Image
+    frames = [Image.open(samples_dir / f"train_pass{p}.png").convert("RGB")
+              for p in range(passes) if (samples_dir / f"train_pass{p}.png").exists()]
+    if frames:
+        with atomic_path(path) as tmp:
+            frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=400, loop=0)
+
+
+# ====================================================================== checkpoints
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
+
+
+def checkpoint_path(params_dir, pass_id):
+    return Path(params_dir) / f"pass_{pass_id}.pt"
+
+
+def list_checkpoints(params_dir):
+    """Checkpoints in params_dir, oldest first."""
+    found = []
+    for path in Path(params_dir).glob("pass_*.pt"):
+        try:
+            found.append((int(path.stem[5:]), path))
+        except ValueError:
+            pass
+    return [path for _, path in sorted(found)]
+
+
+def save_checkpoint(path, state, keep):
+    """Write atomically, then prune all but the newest `keep` (0 keeps all)."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    if keep > 0:
+        for old in list_checkpoints(path.parent)[:-keep]:
+            old.unlink(missing_ok=True)
+
+
+def load_checkpoint(path, data_source, device):
+    """A checkpoint dict, mapped onto `device`; refuses damaged or foreign files in one line."""
+    path = Path(path)
+    if path.is_dir():
+        found = list_checkpoints(path)
+        if not found:
+            raise UserError(f"no checkpoint (pass_<N>.pt) in {path}: train first")
+        path = found[-1]
+    if not path.exists():
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # truncated zip, not a torch file, ...
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if not isinstance(ckpt, dict) or not {"generator", "config"} <= ckpt.keys():
+        raise UserError(f"{path}: not a checkpoint of this trainer (no generator/config)")
+    made_for = ckpt["config"].get("data_source")
+    if made_for != data_source:
+        raise UserError(f"{path}: checkpoint was made for -d {made_for}, not -d {data_source}")
+    ckpt["path"] = path
+    return ckpt
+
+
+def load_weights(net, state, what, path):
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise UserError(f"{path}: {what} does not match this architecture ({first[:120]})")
+
+
+def config_from_checkpoint(ckpt):
+    fields = {f.name for f in dataclasses.fields(GANConfig)}
+    c = {k: v for k, v in ckpt["config"].items() if k in fields}
+    c["sample_shape"] = tuple(c["sample_shape"])
+    return GANConfig(**c)
+
+
+# ====================================================================== evaluation
+
+def sliced_wasserstein(a, b, projections=256, seed=0):
+    """Sliced Wasserstein-1 distance between two equal-size 2-D point sets."""
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.rand(projections, generator=g, dtype=torch.float64) * math.pi
+    dirs = torch.stack([theta.cos(), theta.sin()], 1)
+    pa, pb = (a.double() @ dirs.T).sort(0).values, (b.double() @ dirs.T).sort(0).values
+    return (pa - pb).abs().mean().item()
+
+
+def uniform_scores(points, reference):
+    """How well 2-D points match U[0,1)^2: share inside, 10x10 cells covered, sliced W1."""
+    pts = points.double()
+    inside = ((pts >= 0) & (pts < 1)).all(1)
+    cells = (pts[inside].clamp(0, 0.999999) * 10).long()
+    counts = torch.bincount(cells[:, 0] * 10 + cells[:, 1], minlength=100)
+    expected = len(pts) / 100
+    return {"inside": inside.double().mean().item(),
+            "cells_covered": (counts >= expected / 2).double().mean().item(),
+            "sliced_w1": sliced_wasserstein(pts, reference.double())}
+
+
+def frechet_distance(f1, f2):
+    """Frechet distance between Gaussians fitted to two feature sets (rows = samples)."""
+    f1, f2 = f1.double(), f2.double()
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    c1, c2 = torch.cov(f1.T), torch.cov(f2.T)
+    # trace sqrt(c1 c2) = sum of sqrt of the eigenvalues of sqrt(c1) c2 sqrt(c1) (symmetric, PSD).
+    e1, v1 = torch.linalg.eigh(c1)
+    s1 = (v1 * e1.clamp(min=0).sqrt()) @ v1.T
+    tr_sqrt = torch.linalg.eigvalsh(s1 @ c2 @ s1).clamp(min=0).sqrt().sum()
+    return ((mu1 - mu2).square().sum() + c1.trace() + c2.trace() - 2 * tr_sqrt).item()
+
+
+def class_histogram_scores(predicted, classes=10):
+    """Mode coverage of predicted digit classes: shares, classes with >= 2%, KL from uniform."""
+    share = torch.bincount(predicted, minlength=classes).double() / len(predicted)
+    nz = share[share > 0]
+    return {"classes_covered": int((share >= 0.02).sum()),
+            "max_class_share": share.max().item(),
+            "kl_from_uniform": (nz * (nz * classes).log()).sum().item(),
+            "class_shares": [round(v, 4) for v in share.tolist()]}
+
+
+def memorisation_share(generated, train, typical):
+    """Share of generated images whose nearest training image is closer than `typical`."""
+    g, t = generated.flatten(1).float(), train.flatten(1).float()
+    nearest = torch.cat([torch.cdist(chunk, t).min(1).values for chunk in g.split(256)])
+    return (nearest < typical).double().mean().item()
+
+
+def train_digit_classifier(data_dir, path, log=print, epochs=2, seed=0):
+    """Train (once) the small classifier behind the classifier FID; cached at `path`."""
+    torch.manual_seed(seed)
+    x = to_unit_range(torch.from_numpy(load_mnist(data_dir).copy()))
+    y = torch.from_numpy(load_mnist_labels(data_dir).astype(np.int64))
+    net = DigitClassifier()
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    log(f"training the evaluation classifier on {len(x)} MNIST images ({epochs} epochs, cached in {path})")
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x)).split(128):
+            opt.zero_grad()
+            F.cross_entropy(net(x[idx]), y[idx]).backward()
+            opt.step()
+    net.eval()
+    tx = to_unit_range(torch.from_numpy(load_mnist(data_dir, "test").copy()))
+    ty = torch.from_numpy(load_mnist_labels(data_dir, "test").astype(np.int64))
+    with torch.no_grad():
+        acc = torch.cat([net(c).argmax(1) for c in tx.split(1000)]).eq(ty).double().mean().item()
+    log(f"evaluation classifier test accuracy {acc:.4f}")
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": net.state_dict(), "test_accuracy": acc}, tmp)
+    return net
+
+
+def load_digit_classifier(data_dir, log=print):
+    path = Path(data_dir) / "mnist_classifier.pt"
+    if path.exists():
+        try:
+            net = DigitClassifier()
+            net.load_state_dict(torch.load(path, map_location="cpu")["state_dict"])
+            return net.eval()
+        except Exception:
+            log(f"{path} is damaged: training the classifier again")
+    return train_digit_classifier(data_dir, path, log)
+
+
+class Evaluator:
+    """Scores generated samples against the real data; holds what is computed once."""
+
+    def __init__(self, cfg, data_dir, data, log=print):
+        self.cfg, self.data_dir, self.log = cfg, data_dir, log
+        if cfg.data_source == "mnist":
+            self.classifier = load_digit_classifier(data_dir, log)
+            test = to_unit_range(torch.from_numpy(load_mnist(data_dir, "test").copy()))
+            self.test_features = self.features(test)
+            self.train = data.cpu()
+            # typical nearest-neighbour distance between training images: median over 500 of them
+            probe = to_unit_range(self.train[:500]).flatten(1)
+            rest = to_unit_range(self.train[500:10500]).flatten(1)
+            self.typical_nn = torch.cdist(probe, rest).min(1).values.median().item()
+        elif cfg.data_source == "cifar":
+            raise UserError("no offline feature extractor for CIFAR-10 is available here "
+                            "(an Inception network would need downloaded weights); look at the sample grids")
+
+    @torch.no_grad()
+    def features(self, images):
+        feats, preds = [], []
+        for chunk in images.split(500):
+            f = self.classifier.features(chunk.float().cpu())
+            feats.append(f)
+            preds.append(self.classifier.head(f).argmax(1))
+        self.last_predictions = torch.cat(preds)
+        return torch.cat(feats)
+
+    def score(self, samples):
+        if self.cfg.data_source == "uniform":
+            reference = torch.rand(len(samples), 2, generator=torch.Generator().manual_seed(1))
+            return uniform_scores(samples.cpu(), reference)
+        feats = self.features(samples)
+        scores = {"fid": frechet_distance(feats, self.test_features)}
+        scores.update(class_histogram_scores(self.last_predictions))
+        scores["memorised"] = memorisation_share(to_unit_range(samples.cpu()), to_unit_range(self.train[:10000]),
+                                                 self.typical_nn)
+        return scores
+
+    def floor(self, n):
+        """The same scores for real data (the best a generator could hope for)."""
+        if self.cfg.data_source == "uniform":
+            real = torch.rand(n, 2, generator=torch.Generator().manual_seed(2))
+            return self.score(real)
+        return self.score(to_unit_range(self.train[-min(n, 10000):]))
+
+
+def format_scores(scores):
+    return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in scores.items() if k != "class_shares")
+
+
+# ====================================================================== the run
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag the loop checks between iterations; a second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+def choose_device(use_gpu, gpu_id, log):
+    if use_gpu == "0":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        log("CUDA is not available: running on the CPU")
+        return torch.device("cpu")
+    if gpu_id >= torch.cuda.device_count():
+        raise UserError(f"--gpu_id {gpu_id}: no such GPU (this machine has {torch.cuda.device_count()})")
+    return torch.device(f"cuda:{gpu_id}")
+
+
+def output_dirs(out_dir, data_source):
+    samples, params = Path(out_dir) / f"{data_source}_samples", Path(out_dir) / f"{data_source}_params"
+    try:
+        for d in (samples, params):
+            d.mkdir(parents=True, exist_ok=True)
+            probe = d / f".write_test.{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write outputs under {out_dir}: {e.strerror or e}")
+    return samples, params
+
+
+def make_config(args):
+    cfg = CONFIGS[args.data_source]
+    overrides = {"passes": args.passes, "iters_per_pass": args.iters, "batch_size": args.batch_size, "lr": args.lr}
+    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+class Printer:
+    """Log lines on stdout; a tqdm progress bar per pass on a terminal, unless --quiet."""
+
+    def __init__(self, quiet):
+        self.show_bar = sys.stdout.isatty() and not quiet
+        self.bar = None
+
+    def __call__(self, *lines):
+        for line in lines:
+            if self.bar is not None:
+                self.bar.write(line)
+            else:
+                print(line, flush=True)
+
+    def start_pass(self, pass_id, total, done):
+        if self.show_bar:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=done, desc=f"pass {pass_id}", unit="it", leave=False,
+                            dynamic_ncols=True)
+
+    def update(self, n=1, **postfix):
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def end_pass(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def make_autocast(device, bf16):
+    if not bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def train(args):
+    log = Printer(args.quiet)
+    device = choose_device(args.use_gpu, args.gpu_id, log)
+    samples_dir, params_dir = output_dirs(args.out_dir, args.data_source)
+
+    # --- configuration: fresh, or the one the checkpoint was made with
+    ckpt = None
+    if args.resume is not None:
+        ckpt = load_checkpoint(args.resume or params_dir, args.data_source, device)
+        cfg = config_from_checkpoint(ckpt)
+        if args.passes is not None:
+            cfg = dataclasses.replace(cfg, passes=args.passes)
+        options = ckpt["options"]
+    else:
+        cfg = make_config(args)
+        seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+        options = {"seed": seed, "bf16": bool(args.bf16), "channels_last": bool(args.channels_last)}
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    # --- data, nets, optimizers
+    data = load_data(cfg, args.data_dir, device, options["seed"])
+    gen, dis = (net.to(device) for net in build_nets(cfg))
+    memory_format = torch.channels_last if options["channels_last"] and cfg.is_image else torch.contiguous_format
+    gen, dis = gen.to(memory_format=memory_format), dis.to(memory_format=memory_format)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
+    opt_d = torch.optim.Adam(dis.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
+    autocast = make_autocast(device, options["bf16"])
+    # One fixed noise batch for the per-pass pictures, so that passes compare.
+    fixed_noise = torch.randn(cfg.batch_size * (1 if cfg.is_image else 8), cfg.noise_dim, device=device)
+    logs = {"dis": TrainerLog("discriminator", cfg.batch_size), "gen": TrainerLog("generator", cfg.batch_size)}
+    schedule, start_pass, start_iter, steps, elapsed0 = Schedule(), 0, 0, {"dis": 0, "gen": 0}, 0.0
+
+    metrics_path = params_dir / "metrics.jsonl"
+    metrics = []
+    if ckpt is not None:
+        load_weights(gen, ckpt["generator"], "generator", ckpt["path"])
+        load_weights(dis, ckpt["discriminator"], "discriminator", ckpt["path"])
+        opt_g.load_state_dict(ckpt["opt_g"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+        fixed_noise = ckpt["fixed_noise"].to(device)
+        schedule = Schedule(**ckpt["schedule"])
+        for k, state in ckpt["trainer_logs"].items():
+            logs[k].load_state_dict(state)
+        steps, elapsed0 = dict(ckpt["steps"]), ckpt["elapsed"]
+        start_pass, start_iter = ckpt["pass"], ckpt["iteration"]
+        if start_iter >= cfg.iters_per_pass:
+            start_pass, start_iter = start_pass + 1, 0
+        set_rng_state(ckpt["rng"])
+        # Metrics logged after the checkpoint (by the run that was stopped) are dropped.
+        if metrics_path.exists():
+            for line in metrics_path.read_text().splitlines():
+                try:
+                    m = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill
+                if (m["pass"], m["iteration"]) < (ckpt["pass"], ckpt["iteration"]):
+                    metrics.append(m)
+        log(f"resuming {ckpt['path']} at pass {start_pass} iteration {start_iter} of {cfg.passes} passes")
+    with atomic_path(metrics_path) as tmp:
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    if start_pass >= cfg.passes:
+        log(f"nothing to do: the run already has {cfg.passes} passes (raise --passes to go on)")
+        return
+
+    evaluator = None
+    if args.eval_every:
+        evaluator = Evaluator(cfg, args.data_dir, data, log)
+
+    def checkpoint(pass_id, iteration):
+        state = {"generator": gen.state_dict(), "discriminator": dis.state_dict(),
+                 "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "rng": rng_state(),
+                 "pass": pass_id, "iteration": iteration, "schedule": dataclasses.asdict(schedule),
+                 "fixed_noise": fixed_noise.cpu(), "config": cfg.to_dict(), "options": options,
+                 "trainer_logs": {k: v.state_dict() for k, v in logs.items()}, "steps": dict(steps),
+                 "elapsed": elapsed0 + time.time() - t0}
+        path = checkpoint_path(params_dir, pass_id)
+        save_checkpoint(path, state, args.keep)
+        return path
+
+    log(f"training {cfg.data_source} on {device}: {cfg.passes} passes of {cfg.iters_per_pass} iterations, "
+        f"batch {cfg.batch_size}, lr {cfg.lr:g}, seed {options['seed']}")
+    t0 = time.time()
+    with StopRequest() as stop, open(metrics_path, "a") as metrics_file:
+        for pass_id in range(start_pass, cfg.passes):
+            if start_iter == 0:
+                for trainer_log in logs.values():
+                    trainer_log.reset_pass()
+            log.start_pass(pass_id, cfg.iters_per_pass, start_iter)
+            t_pass, first_iter = time.time(), start_iter
+            for i in range(start_iter, cfg.iters_per_pass):
+                if stop.signal is not None:
+                    log.end_pass()
+                    path = checkpoint(pass_id, i)
+                    raise SystemExit(_interrupted(f"{signal.Signals(stop.signal).name}: stopped at pass {pass_id} "
+                                                  f"iteration {i}; checkpoint {path}; continue with --resume"))
+                x = real_batch(data, cfg.batch_size)
+                z = torch.randn(cfg.batch_size, cfg.noise_dim, device=device)
+                if memory_format is torch.channels_last:
+                    x = x.contiguous(memory_format=memory_format)
+                step = train_step(gen, dis, opt_g, opt_d, x, z, schedule, autocast)
+                if not step.net:
+                    log.end_pass()
+                    last = list_checkpoints(params_dir)
+                    kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+                    raise UserError(f"non-finite loss at pass {pass_id} iteration {i} "
+                                    f"(d_loss={float(step.d_pos_loss + step.d_neg_loss) / 2:g}, "
+                                    f"g_loss={float(step.g_loss):g}); stopping: {kept}")
+                schedule = advance(schedule, step.net)
+                steps[step.net] += 1
+                for batch in step.batches:
+                    summary = logs[step.net].add(*batch)
+                    if summary:
+                        log(summary)
+                if i % LOG_PERIOD == 0:
+                    lines = loss_lines(step)
+                    log(*lines)
+                    m = log_metrics(step, pass_id, i, cfg, schedule, steps, elapsed0 + time.time() - t0)
+                    metrics.append(m)
+                    metrics_file.write(json.dumps(m) + "\n")
+                    metrics_file.flush()
+                    log.update(1, d_loss=f"{m['d_loss']:.3f}", g_loss=f"{m['g_loss']:.3f}")
+                else:
+                    log.update(1)
+            log.end_pass()
+            start_iter = 0
+
+            # --- end of pass: pictures, checkpoint, plots
+            seconds = time.time() - t_pass
+            samples = generate_samples(gen, fixed_noise, cfg.batch_size)
+            picture = samples_dir / f"train_pass{pass_id}.png"
+            stats = ""
+            if not cfg.is_image:
+                mean, std = samples.mean(0).tolist(), samples.std(0).tolist()
+                stats = f"; generated mean [{mean[0]:.4f} {mean[1]:.4f}] std [{std[0]:.4f} {std[1]:.4f}]"
+            save_samples(samples, picture, title=f"{cfg.data_source} pass {pass_id}")
+            path = checkpoint(pass_id, cfg.iters_per_pass)
+            plot_losses(metrics, samples_dir / "losses.png")
+            write_progress_gif(samples_dir, pass_id + 1, samples_dir / "progress.gif")
+            done = cfg.iters_per_pass - first_iter
+            log(f"Pass={pass_id} done: {done} iterations in {seconds:.1f} s "
+                f"({100 * seconds / max(done, 1):.2f} s per 100), D trained {steps['dis']} / G {steps['gen']} "
+                f"iterations so far{stats}; {picture}, {path}")
+            if evaluator is not None and (pass_id + 1) % args.eval_every == 0:
+                scores = evaluator.score(generate_samples(gen, torch.randn(args.samples, cfg.noise_dim,
+                                                          device=device), cfg.batch_size))
+                log(f"Pass={pass_id} eval: {format_scores(scores)}")
+                m = {"pass": pass_id, "iteration": cfg.iters_per_pass, "eval": scores}
+                metrics_file.write(json.dumps(m) + "\n")
+                metrics_file.flush()
+            if stop.signal is not None:
+                raise SystemExit(_interrupted(f"{signal.Signals(stop.signal).name}: stopped after pass {pass_id}; "
+                                              f"checkpoint {path}; continue with --resume"))
+
+
+def _interrupted(message):
+    print(message, file=sys.stderr, flush=True)
+    return 130
+
+
+@torch.no_grad()
+def log_metrics(step, pass_id, i, cfg, schedule, steps, seconds):
+    d_pos, d_neg, g = (v.item() for v in (step.d_pos_loss, step.d_neg_loss, step.g_loss))
+    return {"pass": pass_id, "iteration": i, "step": pass_id * cfg.iters_per_pass + i,
+            "d_pos_loss": d_pos, "d_neg_loss": d_neg, "d_loss": (d_pos + d_neg) / 2, "g_loss": g,
+            "trained": step.net, "strike": schedule.strike,
+            "d_real": step.real_logits.float().softmax(1)[:, REAL].mean().item(),
+            "d_fake": step.fake_logits.detach().float().softmax(1)[:, REAL].mean().item(),
+            "d_share": steps["dis"] / max(1, steps["dis"] + steps["gen"]),
+            "seconds": round(seconds, 3)}
+
+
+def load_generator(args, device):
+    _, params_dir = Path(args.out_dir) / f"{args.data_source}_samples", Path(args.out_dir) / f"{args.data_source}_params"
+    ckpt = load_checkpoint(args.params or params_dir, args.data_source, device)
+    cfg = config_from_checkpoint(ckpt)
+    gen, _ = build_nets(cfg)
+    load_weights(gen, ckpt["generator"], "generator", ckpt["path"])
+    return cfg, gen.to(device), ckpt["path"]
+
+
+def generate(args):
+    """The tutorial's last step: noise through the trained G; writes FILE.npy and FILE.png."""
+    device = choose_device(args.use_gpu, args.gpu_id, print)
+    if args.generate <= 0:
+        raise UserError(f"--generate {args.generate}: give a positive number of samples")
+    cfg, gen, path = load_generator(args, device)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    samples = generate_samples(gen, torch.randn(args.generate, cfg.noise_dim, device=device), cfg.batch_size)
+    samples = samples.clamp(-1, 1) if cfg.is_image else samples
+    out = Path(args.output or Path(args.out_dir) / f"{cfg.data_source}_samples" / "generated")
+    if out.suffix in (".npy", ".png"):
+        out = out.with_suffix("")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out.with_suffix(".npy")) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, samples.cpu().numpy().astype(np.float32))
+        save_samples(samples, out.with_suffix(".png"), title=f"{args.generate} samples from {path.name}")
+    except OSError as e:
+        raise UserError(f"cannot write {out}.npy/.png: {e.strerror or e}")
+    print(f"wrote {args.generate} samples of shape {tuple(samples.shape[1:])} from {path} "
+          f"to {out.with_suffix('.npy')} and {out.with_suffix('.png')}")
+
+
+def evaluate(args):
+    """Score a trained generator offline (see the README for what each figure means)."""
+    device = choose_device(args.use_gpu, args.gpu_id, print)
+    cfg, gen, path = load_generator(args, device)
+    torch.manual_seed(args.seed if args.seed is not None else 0)
+    data = load_data(cfg, args.data_dir, torch.device("cpu")) if cfg.data_source != "uniform" else None
+    evaluator = Evaluator(cfg, args.data_dir, data)
+    samples = generate_samples(gen, torch.randn(args.samples, cfg.noise_dim, device=device), cfg.batch_size)
+    print(f"{path}: {args.samples} samples: {format_scores(evaluator.score(samples))}")
+    print(f"real data (floor): {format_scores(evaluator.floor(args.samples))}")
+
+
+# ====================================================================== command line
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    value = positive_int(text) if text.strip() != "0" else 0
+    return value
+
+
+def parse_args(argv=None):
+    p = OneLineParser(prog="gan_trainer.py", description="Train the PaddlePaddle tutorial GAN in PyTorch.",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-d", "--data_source", required=True, choices=sorted(CONFIGS), help="what to learn")
+    p.add_argument("--use_gpu", default="1", choices=["0", "1"], help="train on a GPU when CUDA is available")
+    p.add_argument("--gpu_id", default=0, type=non_negative_int, help="which GPU")
+    g = p.add_argument_group("training (defaults: the tutorial's, per data source)")
+    g.add_argument("--passes", type=positive_int, help="total passes (100); with --resume, the run's new total")
+    g.add_argument("--iters", type=positive_int, help="iterations per pass (10000 uniform, 1000 images)")
+    g.add_argument("--batch_size", type=positive_int, help="batch size (128)")
+    g.add_argument("--lr", type=positive_float, help="Adam learning rate (1e-4 uniform, 2e-4 images)")
+    g.add_argument("--seed", type=int, help="random seed (default: a fresh one, printed)")
+    g.add_argument("--data_dir", default="data", help="folder holding mnist_data/ and cifar-10-batches-py/")
+    g.add_argument("--out_dir", default=".", help="where <d>_samples/ and <d>_params/ go")
+    g.add_argument("--resume", nargs="?", const="", metavar="PATH",
+                   help="continue from PATH, or without PATH from the newest checkpoint in <d>_params")
+    g.add_argument("--keep", type=non_negative_int, default=3, help="checkpoints to keep (newest); 0 keeps all")
+    g.add_argument("--quiet", action="store_true", help="no progress bar (log lines still print)")
+    g.add_argument("--eval_every", type=non_negative_int, default=0,
+                   help="score the generator every K passes (0: never); see --evaluate")
+    s = p.add_argument_group("speed (off by default: the faithful run is strict fp32)")
+    s.add_argument("--bf16", type=int, default=0, choices=[0, 1], help="bfloat16 autocast for the nets")
+    s.add_argument("--channels_last", type=int, default=0, choices=[0, 1], help="channels-last image layout")
+    a = p.add_argument_group("applying a trained generator")
+    a.add_argument("--generate", type=int, metavar="N", help="write N samples to FILE.npy and FILE.png, then exit")
+    a.add_argument("--evaluate", action="store_true", help="score the trained generator, then exit")
+    a.add_argument("--samples", type=positive_int, default=10000, help="samples for --evaluate / --eval_every")
+    a.add_argument("--params", metavar="PATH", help="checkpoint to use (default: the newest in <d>_params)")
+    a.add_argument("--output", metavar="FILE", help="output name for --generate (default <d>_samples/generated)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.generate is not None:
+            generate(args)
+        elif args.evaluate:
+            evaluate(args)
+        else:
+            train(args)
+    except UserError as e:
+        print(f"gan_trainer.py: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("gan_trainer.py: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
