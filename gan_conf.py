@@ -34,6 +34,9 @@ class GANConfig:
     hidden_dim: int = 10  # uniform nets
     gf_dim: int = 64      # image nets: G's base width
     df_dim: int = 64      # image nets: D's base width
+    # Opt-in departures from the tutorial (the defaults are the original's):
+    d_batch_norm: bool = True  # False: D without batch norm (see README, "Measured quality")
+    d_leaky: float = 0.0       # > 0: LeakyReLU with this slope in D instead of ReLU
 
     @property
     def is_image(self):
@@ -79,11 +82,20 @@ class UniformDiscriminator(nn.Sequential):
     def __init__(self, cfg):
         h = cfg.hidden_dim
         super().__init__(
-            nn.Linear(cfg.sample_shape[0], h), nn.ReLU(),
-            nn.Linear(h, h), batch_norm_1d(h), nn.ReLU(),
+            nn.Linear(cfg.sample_shape[0], h), d_relu(cfg),
+            nn.Linear(h, h), *d_batch_norm(cfg, h, batch_norm_1d), d_relu(cfg),
             nn.Linear(h, 2),
         )
         init_uniform_net(self)
+
+
+def d_relu(cfg):
+    return nn.LeakyReLU(cfg.d_leaky) if cfg.d_leaky > 0 else nn.ReLU()
+
+
+def d_batch_norm(cfg, n, make):
+    """D's batch norm layer, or none with d_batch_norm=False."""
+    return [make(n)] if cfg.d_batch_norm else []
 
 
 def init_uniform_net(net):
@@ -161,9 +173,9 @@ class ImageDiscriminator(nn.Module):
         s, s2, s4, s8 = image_sizes(cfg)
         d = cfg.df_dim
         self.convs = nn.Sequential(
-            conv(c, d, s, s2), nn.ReLU(),
-            conv(d, d * 2, s2, s4), batch_norm_2d(d * 2), nn.ReLU(),
-            conv(d * 2, d * 4, s4, s8), batch_norm_2d(d * 4), nn.ReLU(),
+            conv(c, d, s, s2), d_relu(cfg),
+            conv(d, d * 2, s2, s4), *d_batch_norm(cfg, d * 2, batch_norm_2d), d_relu(cfg),
+            conv(d * 2, d * 4, s4, s8), *d_batch_norm(cfg, d * 4, batch_norm_2d), d_relu(cfg),
         )
         self.fc = nn.Linear(d * 4 * s8 * s8, 2)
         init_image_net(self)

@@ -274,7 +274,7 @@ class TrainerLog:
 
 def loss_lines(step):
     """The tutorial's two log lines (float32 values as %g, d_loss with 12 digits like Python 2's str)."""
-    d_pos, d_neg, g = (v.item() for v in (step.d_pos_loss, step.d_neg_loss, step.g_loss))
+    d_pos, d_neg, g = (v.detach().item() for v in (step.d_pos_loss, step.d_neg_loss, step.g_loss))
     d_loss = (d_pos + d_neg) / 2
     return (f"d_pos_loss is {d_pos:.6g}     d_neg_loss is {d_neg:.6g}",
             f"d_loss is {d_loss:.12g}    g_loss is {g:.6g}")
@@ -504,7 +504,7 @@ def memorisation_share(generated, train, typical):
     return (nearest < typical).double().mean().item()
 
 
-def train_digit_classifier(data_dir, path, log=print, epochs=2, seed=0):
+def train_digit_classifier(data_dir, path, log=print, epochs=3, seed=0):
     """Train (once) the small classifier behind the classifier FID; cached at `path`."""
     torch.manual_seed(seed)
     x = to_unit_range(torch.from_numpy(load_mnist(data_dir).copy()))
@@ -512,7 +512,9 @@ def train_digit_classifier(data_dir, path, log=print, epochs=2, seed=0):
     net = DigitClassifier()
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     log(f"training the evaluation classifier on {len(x)} MNIST images ({epochs} epochs, cached in {path})")
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 / 2 ** epoch
         for idx in torch.randperm(len(x)).split(128):
             opt.zero_grad()
             F.cross_entropy(net(x[idx]), y[idx]).backward()
@@ -676,6 +678,16 @@ class Printer:
             self.bar = None
 
 
+def make_training(cfg, options, device):
+    """G, D, their Adam optimizers and the autocast context for a configuration."""
+    gen, dis = (net.to(device) for net in build_nets(cfg))
+    if options.get("channels_last") and cfg.is_image:
+        gen, dis = gen.to(memory_format=torch.channels_last), dis.to(memory_format=torch.channels_last)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
+    opt_d = torch.optim.Adam(dis.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
+    return gen, dis, opt_g, opt_d, make_autocast(device, options.get("bf16"))
+
+
 def make_autocast(device, bf16):
     if not bf16:
         return contextlib.nullcontext
@@ -705,12 +717,8 @@ def train(args):
 
     # --- data, nets, optimizers
     data = load_data(cfg, args.data_dir, device, options["seed"])
-    gen, dis = (net.to(device) for net in build_nets(cfg))
+    gen, dis, opt_g, opt_d, autocast = make_training(cfg, options, device)
     memory_format = torch.channels_last if options["channels_last"] and cfg.is_image else torch.contiguous_format
-    gen, dis = gen.to(memory_format=memory_format), dis.to(memory_format=memory_format)
-    opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
-    opt_d = torch.optim.Adam(dis.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
-    autocast = make_autocast(device, options["bf16"])
     # One fixed noise batch for the per-pass pictures, so that passes compare.
     fixed_noise = torch.randn(cfg.batch_size * (1 if cfg.is_image else 8), cfg.noise_dim, device=device)
     logs = {"dis": TrainerLog("discriminator", cfg.batch_size), "gen": TrainerLog("generator", cfg.batch_size)}
@@ -845,7 +853,7 @@ def _interrupted(message):
 
 @torch.no_grad()
 def log_metrics(step, pass_id, i, cfg, schedule, steps, seconds):
-    d_pos, d_neg, g = (v.item() for v in (step.d_pos_loss, step.d_neg_loss, step.g_loss))
+    d_pos, d_neg, g = (v.detach().item() for v in (step.d_pos_loss, step.d_neg_loss, step.g_loss))
     return {"pass": pass_id, "iteration": i, "step": pass_id * cfg.iters_per_pass + i,
             "d_pos_loss": d_pos, "d_neg_loss": d_neg, "d_loss": (d_pos + d_neg) / 2, "g_loss": g,
             "trained": step.net, "strike": schedule.strike,
