@@ -642,7 +642,8 @@ def output_dirs(out_dir, data_source):
 
 def make_config(args):
     cfg = CONFIGS[args.data_source]
-    overrides = {"passes": args.passes, "iters_per_pass": args.iters, "batch_size": args.batch_size, "lr": args.lr}
+    overrides = {"passes": args.passes, "iters_per_pass": args.iters, "batch_size": args.batch_size, "lr": args.lr,
+                 "d_batch_norm": bool(args.d_batch_norm), "d_leaky": args.d_leaky}
     return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -911,6 +912,15 @@ def evaluate(args):
 
 # ====================================================================== command line
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the absent ones (None / False), whose help says what happens."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -936,6 +946,10 @@ def positive_float(text):
     return value
 
 
+def non_negative_float(text):
+    return positive_float(text) if text.strip() not in ("0", "0.0") else 0.0
+
+
 def non_negative_int(text):
     value = positive_int(text) if text.strip() != "0" else 0
     return value
@@ -943,7 +957,7 @@ def non_negative_int(text):
 
 def parse_args(argv=None):
     p = OneLineParser(prog="gan_trainer.py", description="Train the PaddlePaddle tutorial GAN in PyTorch.",
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=HelpFormatter)
     p.add_argument("-d", "--data_source", required=True, choices=sorted(CONFIGS), help="what to learn")
     p.add_argument("--use_gpu", default="1", choices=["0", "1"], help="train on a GPU when CUDA is available")
     p.add_argument("--gpu_id", default=0, type=non_negative_int, help="which GPU")
@@ -957,19 +971,22 @@ def parse_args(argv=None):
     g.add_argument("--out_dir", default=".", help="where <d>_samples/ and <d>_params/ go")
     g.add_argument("--resume", nargs="?", const="", metavar="PATH",
                    help="continue from PATH, or without PATH from the newest checkpoint in <d>_params")
-    g.add_argument("--keep", type=non_negative_int, default=3, help="checkpoints to keep (newest); 0 keeps all")
+    g.add_argument("--keep", type=non_negative_int, default=3, metavar="K", help="checkpoints to keep (newest); 0 keeps all")
     g.add_argument("--quiet", action="store_true", help="no progress bar (log lines still print)")
-    g.add_argument("--eval_every", type=non_negative_int, default=0,
+    g.add_argument("--eval_every", type=non_negative_int, default=0, metavar="K",
                    help="score the generator every K passes (0: never); see --evaluate")
+    r = p.add_argument_group("opt-in remedies (defaults: the tutorial's nets)")
+    r.add_argument("--d_batch_norm", type=int, default=1, choices=[0, 1], help="0: D without batch norm")
+    r.add_argument("--d_leaky", type=non_negative_float, default=0.0, metavar="SLOPE", help="> 0: LeakyReLU slope in D")
     s = p.add_argument_group("speed (off by default: the faithful run is strict fp32)")
     s.add_argument("--bf16", type=int, default=0, choices=[0, 1], help="bfloat16 autocast for the nets")
     s.add_argument("--channels_last", type=int, default=0, choices=[0, 1], help="channels-last image layout")
     a = p.add_argument_group("applying a trained generator")
     a.add_argument("--generate", type=int, metavar="N", help="write N samples to FILE.npy and FILE.png, then exit")
     a.add_argument("--evaluate", action="store_true", help="score the trained generator, then exit")
-    a.add_argument("--samples", type=positive_int, default=10000, help="samples for --evaluate / --eval_every")
+    a.add_argument("--samples", type=positive_int, default=10000, metavar="N", help="samples for --evaluate / --eval_every")
     a.add_argument("--params", metavar="PATH", help="checkpoint to use (default: the newest in <d>_params)")
-    a.add_argument("--output", metavar="FILE", help="output name for --generate (default <d>_samples/generated)")
+    a.add_argument("--output", metavar="FILE", help="output name for --generate (default: <d>_samples/generated)")
     return p.parse_args(argv)
 
 
