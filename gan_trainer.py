@@ -301,13 +301,13 @@ def atomic_path(path):
 
 
 @torch.no_grad()
-def generate_samples(gen, noise, batch_size):
+def generate_samples(gen, noise, batch_size, generator=None):
     """G's output for `noise`, in batches of batch_size: batch norm sees the batch
     statistics G was trained with (the last batch is topped up with extra noise)."""
     out = []
     for chunk in noise.split(batch_size):
         if len(chunk) < batch_size:
-            extra = torch.randn(batch_size - len(chunk), chunk.shape[1], device=chunk.device)
+            extra = torch.randn(batch_size - len(chunk), chunk.shape[1], generator=generator).to(chunk.device)
             out.append(gen(torch.cat([chunk, extra]))[:len(chunk)])
         else:
             out.append(gen(chunk))
@@ -351,6 +351,7 @@ def plot_losses(metrics, path):
     import matplotlib.pyplot as plt
     if not metrics:
         return
+    metrics = [m for m in metrics if "d_loss" in m]  # leave out the evaluation lines
     x = [m["step"] for m in metrics]
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
     for key in ("d_pos_loss", "d_neg_loss", "d_loss", "g_loss"):
@@ -504,6 +505,7 @@ def memorisation_share(generated, train, typical):
     return (nearest < typical).double().mean().item()
 
 
+@torch.random.fork_rng()  # its own random stream: a training run's stays untouched
 def train_digit_classifier(data_dir, path, log=print, epochs=3, seed=0):
     """Train (once) the small classifier behind the classifier FID; cached at `path`."""
     torch.manual_seed(seed)
@@ -664,7 +666,7 @@ class Printer:
     def start_pass(self, pass_id, total, done):
         if self.show_bar:
             from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=done, desc=f"pass {pass_id}", unit="it", leave=False,
+            self.bar = tqdm(total=total, initial=done, desc=f"pass {pass_id}", unit="it", leave=False, miniters=1,
                             dynamic_ncols=True)
 
     def update(self, n=1, **postfix):
@@ -709,6 +711,9 @@ def train(args):
             cfg = dataclasses.replace(cfg, passes=args.passes)
         options = ckpt["options"]
     else:
+        if list_checkpoints(params_dir):
+            raise UserError(f"{params_dir} already holds checkpoints of a run: continue it with --resume, "
+                            "or give another --out_dir (or remove them) to start afresh")
         cfg = make_config(args)
         seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
         options = {"seed": seed, "bf16": bool(args.bf16), "channels_last": bool(args.channels_last)}
@@ -748,7 +753,8 @@ def train(args):
                     m = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut short by a kill
-                if (m["pass"], m["iteration"]) < (ckpt["pass"], ckpt["iteration"]):
+                at, saved = (m["pass"], m["iteration"]), (ckpt["pass"], ckpt["iteration"])
+                if at < saved or ("eval" in m and at == saved):  # an evaluation precedes its checkpoint
                     metrics.append(m)
         log(f"resuming {ckpt['path']} at pass {start_pass} iteration {start_iter} of {cfg.passes} passes")
     with atomic_path(metrics_path) as tmp:
@@ -828,6 +834,17 @@ def train(args):
                 mean, std = samples.mean(0).tolist(), samples.std(0).tolist()
                 stats = f"; generated mean [{mean[0]:.4f} {mean[1]:.4f}] std [{std[0]:.4f} {std[1]:.4f}]"
             save_samples(samples, picture, title=f"{cfg.data_source} pass {pass_id}")
+            if evaluator is not None and (pass_id + 1) % args.eval_every == 0:
+                # Own random generator: evaluating must not change the training's random stream.
+                rng = torch.Generator().manual_seed(options["seed"] + pass_id)
+                noise = torch.randn(args.samples, cfg.noise_dim, generator=rng).to(device)
+                scores = evaluator.score(generate_samples(gen, noise, cfg.batch_size, rng))
+                log(f"Pass={pass_id} eval: {format_scores(scores)}")
+                m = {"pass": pass_id, "iteration": cfg.iters_per_pass, "step": (pass_id + 1) * cfg.iters_per_pass,
+                     "seconds": round(elapsed0 + time.time() - t0, 3), "eval": scores}
+                metrics.append(m)
+                metrics_file.write(json.dumps(m) + "\n")
+                metrics_file.flush()
             path = checkpoint(pass_id, cfg.iters_per_pass)
             plot_losses(metrics, samples_dir / "losses.png")
             write_progress_gif(samples_dir, pass_id + 1, samples_dir / "progress.gif")
@@ -835,13 +852,6 @@ def train(args):
             log(f"Pass={pass_id} done: {done} iterations in {seconds:.1f} s "
                 f"({100 * seconds / max(done, 1):.2f} s per 100), D trained {steps['dis']} / G {steps['gen']} "
                 f"iterations so far{stats}; {picture}, {path}")
-            if evaluator is not None and (pass_id + 1) % args.eval_every == 0:
-                scores = evaluator.score(generate_samples(gen, torch.randn(args.samples, cfg.noise_dim,
-                                                          device=device), cfg.batch_size))
-                log(f"Pass={pass_id} eval: {format_scores(scores)}")
-                m = {"pass": pass_id, "iteration": cfg.iters_per_pass, "eval": scores}
-                metrics_file.write(json.dumps(m) + "\n")
-                metrics_file.flush()
             if stop.signal is not None:
                 raise SystemExit(_interrupted(f"{signal.Signals(stop.signal).name}: stopped after pass {pass_id}; "
                                               f"checkpoint {path}; continue with --resume"))
