@@ -555,8 +555,9 @@ class Evaluator:
             self.test_features = self.features(test)
             self.train = data.cpu()
             # typical nearest-neighbour distance between training images: median over 500 of them
-            probe = to_unit_range(self.train[:500]).flatten(1)
-            rest = to_unit_range(self.train[500:10500]).flatten(1)
+            k = min(500, len(self.train) // 2)
+            probe = to_unit_range(self.train[:k]).flatten(1)
+            rest = to_unit_range(self.train[k:k + 10000]).flatten(1)
             self.typical_nn = torch.cdist(probe, rest).min(1).values.median().item()
         elif cfg.data_source == "cifar":
             raise UserError("no offline feature extractor for CIFAR-10 is available here "
