@@ -314,6 +314,18 @@ def generate_samples(gen, noise, batch_size, generator=None):
     return torch.cat(out).float()
 
 
+def remove_stale_temporaries(folder):
+    """Delete temporary files left by a killed run (atomic_path names them .<name>.<pid>.tmp)."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        try:
+            pid = int(tmp.name.rsplit(".", 2)[-2])
+            os.kill(pid, 0)  # still running: leave it
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (ValueError, PermissionError):
+            pass
+
+
 def save_sample_grid(images, path):
     """An 8 x 8 grid of the first 64 images, no padding (224 x 224 for mnist, 256 x 256 for cifar)."""
     from torchvision.utils import save_image
@@ -415,7 +427,7 @@ def save_checkpoint(path, state, keep):
             old.unlink(missing_ok=True)
 
 
-def load_checkpoint(path, data_source, device):
+def load_checkpoint(path, data_source):
     """A checkpoint dict, mapped onto `device`; refuses damaged or foreign files in one line."""
     path = Path(path)
     if path.is_dir():
@@ -424,9 +436,11 @@ def load_checkpoint(path, data_source, device):
             raise UserError(f"no checkpoint (pass_<N>.pt) in {path}: train first")
         path = found[-1]
     if not path.exists():
-        raise UserError(f"checkpoint {path} not found")
+        raise UserError(f"checkpoint {path} not found: train first, or name one with --params")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+        # Onto the CPU first (a checkpoint from a GPU loads anywhere; random states must be
+        # CPU tensors); load_state_dict then moves weights and optimizer state to the nets' device.
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated zip, not a torch file, ...
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
     if not isinstance(ckpt, dict) or not {"generator", "config"} <= ckpt.keys():
@@ -637,6 +651,7 @@ def output_dirs(out_dir, data_source):
     try:
         for d in (samples, params):
             d.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(d)
             probe = d / f".write_test.{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
@@ -716,7 +731,7 @@ def train(args):
     # --- configuration: fresh, or the one the checkpoint was made with
     ckpt = None
     if args.resume is not None:
-        ckpt = load_checkpoint(args.resume or params_dir, args.data_source, device)
+        ckpt = load_checkpoint(args.resume or params_dir, args.data_source)
         cfg = config_from_checkpoint(ckpt)
         if args.passes is not None:
             cfg = dataclasses.replace(cfg, passes=args.passes)
@@ -737,8 +752,10 @@ def train(args):
     data = load_data(cfg, args.data_dir, device, options["seed"])
     gen, dis, opt_g, opt_d, autocast = make_training(cfg, options, device)
     memory_format = torch.channels_last if options["channels_last"] and cfg.is_image else torch.contiguous_format
-    # One fixed noise batch for the per-pass pictures, so that passes compare.
-    fixed_noise = torch.randn(cfg.batch_size * (1 if cfg.is_image else 8), cfg.noise_dim, device=device)
+    # Fixed noise for the per-pass pictures, so that passes compare: whole batches,
+    # enough for 64 images or 1024 points.
+    shown = 64 if cfg.is_image else 1024
+    fixed_noise = torch.randn(-(-shown // cfg.batch_size) * cfg.batch_size, cfg.noise_dim, device=device)
     logs = {"dis": TrainerLog("discriminator", cfg.batch_size), "gen": TrainerLog("generator", cfg.batch_size)}
     schedule, start_pass, start_iter, steps, elapsed0 = Schedule(), 0, 0, {"dis": 0, "gen": 0}, 0.0
 
@@ -815,9 +832,9 @@ def train(args):
                     log.end_pass()
                     last = list_checkpoints(params_dir)
                     kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+                    d_loss = (step.d_pos_loss + step.d_neg_loss).detach().item() / 2
                     raise UserError(f"non-finite loss at pass {pass_id} iteration {i} "
-                                    f"(d_loss={float(step.d_pos_loss + step.d_neg_loss) / 2:g}, "
-                                    f"g_loss={float(step.g_loss):g}); stopping: {kept}")
+                                    f"(d_loss={d_loss:g}, g_loss={step.g_loss.detach().item():g}); stopping: {kept}")
                 schedule = advance(schedule, step.net)
                 steps[step.net] += 1
                 for batch in step.batches:
@@ -888,7 +905,7 @@ def log_metrics(step, pass_id, i, cfg, schedule, steps, seconds):
 
 def load_generator(args, device):
     _, params_dir = Path(args.out_dir) / f"{args.data_source}_samples", Path(args.out_dir) / f"{args.data_source}_params"
-    ckpt = load_checkpoint(args.params or params_dir, args.data_source, device)
+    ckpt = load_checkpoint(args.params or params_dir, args.data_source)
     cfg = config_from_checkpoint(ckpt)
     gen, _ = build_nets(cfg)
     load_weights(gen, ckpt["generator"], "generator", ckpt["path"])
@@ -908,16 +925,16 @@ def generate(args):
     out = Path(args.output or Path(args.out_dir) / f"{cfg.data_source}_samples" / "generated")
     if out.suffix in (".npy", ".png"):
         out = out.with_suffix("")
+    npy, png = out.with_name(out.name + ".npy"), out.with_name(out.name + ".png")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out.with_suffix(".npy")) as tmp:
+        with atomic_path(npy) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, samples.cpu().numpy().astype(np.float32))
-        save_samples(samples, out.with_suffix(".png"), title=f"{args.generate} samples from {path.name}")
+        save_samples(samples, png, title=f"{args.generate} samples from {path.name}")
     except OSError as e:
-        raise UserError(f"cannot write {out}.npy/.png: {e.strerror or e}")
-    print(f"wrote {args.generate} samples of shape {tuple(samples.shape[1:])} from {path} "
-          f"to {out.with_suffix('.npy')} and {out.with_suffix('.png')}")
+        raise UserError(f"cannot write {npy} / {png}: {e.strerror or e}")
+    print(f"wrote {args.generate} samples of shape {tuple(samples.shape[1:])} from {path} to {npy} and {png}")
 
 
 def evaluate(args):

@@ -1,0 +1,130 @@
+"""Bad input: each is refused with a non-zero exit and exactly one line on stderr, no traceback."""
+import warnings
+
+import numpy as np
+import pytest
+
+from conftest import (MNIST_IMAGES, assert_one_line_error, cifar_batch_bytes, idx_bytes, make_cifar_dir,
+                      make_mnist_dir, mnist_images, run_main)
+
+
+def train_argv(source, data_dir, out_dir, *extra):
+    return ["-d", source, "--use_gpu", 0, "--batch_size", 16, "--iters", 1, "--passes", 1, "--quiet",
+            "--data_dir", data_dir, "--out_dir", out_dir, *extra]
+
+
+# ------------------------------------------------------------------ as a user runs it (subprocess)
+
+def test_missing_mnist_names_the_download_script(cli):
+    proc = cli.result("missing_mnist")
+    assert proc.returncode == 1
+    assert_one_line_error(proc.returncode, proc.stderr, "data/get_mnist_data.sh", "train-images-idx3-ubyte")
+
+
+def test_non_finite_loss_stops_with_one_line(tmp_path, capsys):
+    # --lr 1e38 blows the weights up at the first update: the loss turns non-finite at once.
+    # Warnings are recorded, not printed, under pytest: each would be lines on a user's stderr.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, out, err = run_main(["-d", "uniform", "--lr", "1e38", "--passes", 1, "--iters", 50, "--batch_size", 16,
+                                   "--seed", 1, "--use_gpu", 0, "--quiet", "--out_dir", tmp_path], capsys)
+    assert code == 1
+    line = assert_one_line_error(code, err, "non-finite loss at pass 0 iteration")
+    assert "no checkpoint was written yet" in line
+    assert [f"{w.filename}:{w.lineno}: {w.message}" for w in caught] == []
+
+
+# ------------------------------------------------------------------ command line (in process)
+
+def test_unknown_data_source(tmp_path, capsys):
+    code, out, err = run_main(["-d", "svhn", "--use_gpu", 0, "--out_dir", tmp_path], capsys)
+    assert code == 2
+    assert_one_line_error(code, err, "svhn", "-d/--data_source")
+    assert not (tmp_path / "svhn_params").exists()
+
+
+def test_use_gpu_2(tmp_path, capsys):
+    code, out, err = run_main(["-d", "uniform", "--use_gpu", 2, "--out_dir", tmp_path], capsys)
+    assert code == 2
+    assert_one_line_error(code, err, "--use_gpu")
+
+
+@pytest.mark.parametrize("passes", ["0", "-1"])
+def test_passes_must_be_positive(tmp_path, capsys, passes):
+    code, out, err = run_main(["-d", "uniform", "--use_gpu", 0, "--passes", passes, "--out_dir", tmp_path], capsys)
+    assert code == 2
+    assert_one_line_error(code, err, "--passes", passes)
+    assert not (tmp_path / "uniform_params").exists()
+
+
+def test_unwritable_out_dir(tmp_path, capsys):
+    (tmp_path / "afile").write_text("a regular file, so nothing can be created below it")
+    code, out, err = run_main(["-d", "uniform", "--use_gpu", 0, "--iters", 1, "--passes", 1, "--quiet",
+                               "--out_dir", tmp_path / "afile" / "out"], capsys)
+    assert_one_line_error(code, err, "cannot write outputs under", "afile")
+
+
+# ------------------------------------------------------------------ data files (in process)
+
+def test_missing_cifar_names_the_download_script(tmp_path, capsys):
+    code, out, err = run_main(train_argv("cifar", tmp_path / "nothing", tmp_path / "out"), capsys)
+    assert_one_line_error(code, err, "data/download_cifar.sh", "data_batch_1")
+
+
+def test_truncated_idx(tmp_path, capsys):
+    data = make_mnist_dir(tmp_path / "data", n=200)
+    f = data / "mnist_data" / MNIST_IMAGES
+    f.write_bytes(f.read_bytes()[:16 + 100 * 784 + 17])  # header says 200 images
+    code, out, err = run_main(train_argv("mnist", data, tmp_path / "out"), capsys)
+    assert_one_line_error(code, err, "truncated", MNIST_IMAGES)
+
+
+def test_idx_shorter_than_its_header(tmp_path, capsys):
+    data = make_mnist_dir(tmp_path / "data", n=200)
+    (data / "mnist_data" / MNIST_IMAGES).write_bytes(idx_bytes(2051, mnist_images(1))[:10])
+    code, out, err = run_main(train_argv("mnist", data, tmp_path / "out"), capsys)
+    assert_one_line_error(code, err, "truncated")
+
+
+def test_truncated_gzip(tmp_path, capsys):
+    data = make_mnist_dir(tmp_path / "data", n=200, gz=True)
+    f = data / "mnist_data" / (MNIST_IMAGES + ".gz")
+    f.write_bytes(f.read_bytes()[:5000])
+    code, out, err = run_main(train_argv("mnist", data, tmp_path / "out"), capsys)
+    assert_one_line_error(code, err, MNIST_IMAGES + ".gz")
+
+
+def test_wrong_idx_magic_number(tmp_path, capsys):
+    data = tmp_path / "data"
+    (data / "mnist_data").mkdir(parents=True)
+    # a labels-style magic number (2049) on an images file
+    (data / "mnist_data" / MNIST_IMAGES).write_bytes(idx_bytes(2049, mnist_images(200)))
+    code, out, err = run_main(train_argv("mnist", data, tmp_path / "out"), capsys)
+    assert_one_line_error(code, err, "magic number 2049", "2051")
+
+
+def test_fewer_images_than_a_batch(tmp_path, capsys):
+    data = make_mnist_dir(tmp_path / "data", n=10)
+    code, out, err = run_main(train_argv("mnist", data, tmp_path / "out"), capsys)
+    assert_one_line_error(code, err, "10 images")
+
+
+def test_cifar_batch_of_the_wrong_row_size(tmp_path, capsys):
+    data = make_cifar_dir(tmp_path / "data", per_batch=40, row_bytes=3000)
+    code, out, err = run_main(train_argv("cifar", data, tmp_path / "out"), capsys)
+    assert_one_line_error(code, err, "data_batch_1", "3072")
+
+
+def test_cifar_batch_that_is_not_a_pickle(tmp_path, capsys):
+    data = make_cifar_dir(tmp_path / "data", per_batch=40)
+    (data / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"<html>404 Not Found</html>")
+    code, out, err = run_main(train_argv("cifar", data, tmp_path / "out"), capsys)
+    assert_one_line_error(code, err, "data_batch_3")
+
+
+def test_cifar_batch_of_the_wrong_dtype(tmp_path, capsys):
+    data = make_cifar_dir(tmp_path / "data", per_batch=40)
+    rows = np.zeros((40, 3072), np.int64)
+    (data / "cifar-10-batches-py" / "data_batch_2").write_bytes(cifar_batch_bytes(rows))
+    code, out, err = run_main(train_argv("cifar", data, tmp_path / "out"), capsys)
+    assert_one_line_error(code, err, "data_batch_2", "uint8")

@@ -1,0 +1,199 @@
+"""The networks of gan_conf.py against the layer sizes of the original (design/original.md)."""
+import pytest
+import torch
+from torch import nn
+
+import gan_conf
+from gan_conf import CONFIGS, build_nets, conv_kernel_padding
+
+
+def nets(source, seed=0):
+    torch.manual_seed(seed)
+    return build_nets(CONFIGS[source])
+
+
+def n_params(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+def fc(n_in, n_out):
+    return n_in * n_out + n_out
+
+
+def bn(c):
+    return 2 * c  # scale and shift
+
+
+def conv(c_in, c_out, k):
+    return c_in * c_out * k * k + c_out
+
+
+# ------------------------------------------------------------------ shapes
+
+@pytest.mark.parametrize("source, sample_shape, noise_dim", [
+    ("uniform", (2,), 10),
+    ("mnist", (1, 28, 28), 100),
+    ("cifar", (3, 32, 32), 100),
+])
+def test_output_shapes(source, sample_shape, noise_dim):
+    gen, dis = nets(source)
+    z = torch.randn(16, noise_dim)
+    fake = gen(z)
+    assert fake.shape == (16, *sample_shape)
+    logits = dis(fake)
+    assert logits.shape == (16, 2)  # a 2-way classifier: real / fake
+    assert dis(torch.rand(16, *sample_shape) * 2 - 1).shape == (16, 2)
+
+
+def test_discriminator_returns_logits_not_probabilities():
+    # The softmax is folded into the cost: D's outputs are unnormalised scores.
+    for source in ("uniform", "mnist"):
+        gen, dis = nets(source)
+        logits = dis(gen(torch.randn(16, CONFIGS[source].noise_dim)))
+        assert not torch.allclose(logits.sum(1), torch.ones(16), atol=1e-3)
+
+
+# ------------------------------------------------------------------ parameter counts
+
+def test_uniform_parameter_counts():
+    gen, dis = nets("uniform")
+    # G: noise 10 -> fc 10 -> fc 10 -> bn 10 -> fc 2
+    assert n_params(gen) == fc(10, 10) + fc(10, 10) + bn(10) + fc(10, 2) == 262
+    # D: sample 2 -> fc 10 -> fc 10 -> bn 10 -> fc 2
+    assert n_params(dis) == fc(2, 10) + fc(10, 10) + bn(10) + fc(10, 2) == 182
+
+
+def test_mnist_parameter_counts():
+    gen, dis = nets("mnist")
+    # G: z 100 -> fc 256*3*3, bn 256 -> deconv 3->7 (k5) to 128, bn -> deconv 7->14 (k4) to 64, bn
+    #    -> deconv 14->28 (k4) to 1
+    expected_g = (fc(100, 256 * 3 * 3) + bn(256) + conv(256, 128, 5) + bn(128) + conv(128, 64, 4) + bn(64)
+                  + conv(64, 1, 4))
+    assert n_params(gen) == expected_g == 1185089
+    # D: conv 28->14 (k4) to 64 -> conv 14->7 (k4) to 128, bn -> conv 7->3 (k5) to 256, bn -> fc 2
+    expected_d = conv(1, 64, 4) + conv(64, 128, 4) + bn(128) + conv(128, 256, 5) + bn(256) + fc(256 * 3 * 3, 2)
+    assert n_params(dis) == expected_d == 957122
+
+
+def test_cifar_parameter_counts():
+    gen, dis = nets("cifar")
+    # every (transposed) conv maps 4<->8<->16<->32 with kernel 4
+    expected_g = (fc(100, 256 * 4 * 4) + bn(256) + conv(256, 128, 4) + bn(128) + conv(128, 64, 4) + bn(64)
+                  + conv(64, 3, 4))
+    assert n_params(gen) == expected_g == 1073219
+    expected_d = conv(3, 64, 4) + conv(64, 128, 4) + bn(128) + conv(128, 256, 4) + bn(256) + fc(256 * 4 * 4, 2)
+    assert n_params(dis) == expected_d == 667842
+
+
+def test_activations_are_plain_relu():
+    for source in ("uniform", "mnist", "cifar"):
+        for net in nets(source):
+            kinds = {type(m) for m in net.modules()}
+            assert nn.ReLU in kinds
+            assert nn.LeakyReLU not in kinds
+
+
+# ------------------------------------------------------------------ kernel / padding rule
+
+@pytest.mark.parametrize("big, small, expected", [
+    (28, 14, (4, 1)),   # d = 2
+    (14, 7, (4, 1)),    # d = 2
+    (7, 3, (5, 1)),     # d = 3
+    (32, 16, (4, 1)),
+    (8, 4, (4, 1)),
+    (8, 3, (4, 0)),     # d = 4: kernel d, no padding
+    (9, 3, (5, 0)),     # d = 5
+])
+def test_conv_kernel_padding(big, small, expected):
+    assert conv_kernel_padding(big, small) == expected
+
+
+@pytest.mark.parametrize("big, small", [(7, 4), (6, 4), (10, 3), (20, 3)])  # d = 1, 0, 6, 16
+def test_conv_kernel_padding_rejects_impossible_sizes(big, small):
+    with pytest.raises(ValueError):
+        conv_kernel_padding(big, small)
+
+
+@pytest.mark.parametrize("source, g_kernels, d_kernels", [
+    ("mnist", [5, 4, 4], [4, 4, 5]),
+    ("cifar", [4, 4, 4], [4, 4, 4]),
+])
+def test_built_nets_use_the_rule(source, g_kernels, d_kernels):
+    gen, dis = nets(source)
+    deconvs = [m for m in gen.modules() if isinstance(m, nn.ConvTranspose2d)]
+    convs = [m for m in dis.modules() if isinstance(m, nn.Conv2d)]
+    assert [m.kernel_size[0] for m in deconvs] == g_kernels
+    assert [m.kernel_size[0] for m in convs] == d_kernels
+    assert all(m.stride == (2, 2) and m.padding == (1, 1) for m in deconvs + convs)
+
+
+# ------------------------------------------------------------------ output range, batch norm
+
+@pytest.mark.parametrize("source", ["mnist", "cifar"])
+def test_image_generator_output_is_tanh_range(source):
+    gen, _ = nets(source)
+    with torch.no_grad():
+        out = gen(torch.randn(16, 100) * 50)
+    assert out.abs().max() <= 1.0
+    assert out.abs().max() > 0.5  # not squashed to a constant
+
+
+@pytest.mark.parametrize("source", ["uniform", "mnist"])
+def test_batch_norm_uses_batch_statistics_even_in_eval_mode(source):
+    gen, dis = nets(source)
+    nd = CONFIGS[source].noise_dim
+    z = torch.randn(16, nd)
+    other = torch.cat([z[:8], torch.randn(8, nd) * 3 + 1])
+    with torch.no_grad():
+        train_out = gen(z)
+        same_first_rows = gen(other)
+        gen.eval()
+        dis.eval()
+        eval_out = gen(z)
+    # the first 8 noise vectors are the same, but the batches differ: so do the outputs
+    assert not torch.allclose(train_out[:8], same_first_rows[:8], atol=1e-4)
+    # eval() changes nothing: no running averages exist
+    assert torch.equal(train_out, eval_out)
+    for net in (gen, dis):
+        assert not any("running" in k for k in net.state_dict())
+
+
+def test_uniform_init():
+    gen, dis = nets("uniform")
+    for net in (gen, dis):
+        linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+        bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm1d)]
+        assert len(linears) == 3 and len(bns) == 1
+        for m in linears:
+            assert torch.equal(m.bias, torch.ones_like(m.bias))  # every bias 1.0
+        for m in bns:
+            assert torch.equal(m.bias, torch.ones_like(m.bias))  # the bn shift too
+            assert (m.weight - 1).abs().max() < 0.1              # scale N(1, 0.02)
+            assert not torch.equal(m.weight, torch.ones_like(m.weight))
+
+
+@pytest.mark.parametrize("source", ["mnist", "cifar"])
+def test_image_init(source):
+    gen, dis = nets(source)
+    for net in (gen, dis):
+        weighted = [m for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))]
+        assert len(weighted) == 4
+        for m in weighted:
+            assert torch.equal(m.bias, torch.zeros_like(m.bias))
+            assert abs(m.weight.mean().item()) < 0.004
+            if m.weight.numel() >= 4000:
+                assert 0.018 < m.weight.std().item() < 0.022
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                assert torch.equal(m.bias, torch.zeros_like(m.bias))
+                assert (m.weight - 1).abs().max() < 0.1
+
+
+def test_configs_match_the_tutorial():
+    u, m, c = CONFIGS["uniform"], CONFIGS["mnist"], CONFIGS["cifar"]
+    assert (u.noise_dim, u.lr, u.iters_per_pass, u.batch_size, u.passes, u.beta1) == (10, 1e-4, 10000, 128, 100, 0.5)
+    for cfg in (m, c):
+        assert (cfg.noise_dim, cfg.lr, cfg.iters_per_pass, cfg.batch_size, cfg.passes, cfg.beta1) == \
+            (100, 2e-4, 1000, 128, 100, 0.5)
+    assert (m.sample_shape, c.sample_shape) == ((1, 28, 28), (3, 32, 32))
+    assert gan_conf.GANConfig.__dataclass_params__.frozen

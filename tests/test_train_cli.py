@@ -1,0 +1,178 @@
+"""Training from the command line: exit status, the tutorial's log lines, files written."""
+import json
+import pickle
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import gan_trainer
+from conftest import MNIST_IMAGES, idx_bytes, load_ckpt, make_cifar_dir, make_mnist_dir, mnist_images, run_main
+
+D_POS_LINE = re.compile(r"^d_pos_loss is [0-9.e+-]+     d_neg_loss is [0-9.e+-]+$")
+D_LOSS_LINE = re.compile(r"^d_loss is [0-9.e+-]+    g_loss is [0-9.e+-]+$")
+SUMMARY_LINE = re.compile(r"^Batch=100 samples=1600 AvgCost=\S+ CurrentCost=\S+ "
+                          r"Eval: (generator|discriminator)_training_error=\S+  CurrentEval: ")
+METRIC_KEYS = {"pass", "iteration", "d_pos_loss", "d_neg_loss", "d_loss", "g_loss", "trained", "strike",
+               "d_real", "d_fake", "seconds"}
+
+
+# ------------------------------------------------------------------ uniform
+
+def test_uniform_run_exits_0(uniform_run):
+    assert uniform_run.proc.returncode == 0, uniform_run.proc.stderr
+    assert uniform_run.proc.stderr == ""  # nothing for the user to worry about
+    assert uniform_run.proc.stdout.splitlines()[0].startswith("training uniform on cpu: 2 passes of 101 iterations")
+
+
+def test_uniform_run_prints_the_tutorial_loss_lines(uniform_run):
+    lines = uniform_run.proc.stdout.splitlines()
+    pos = [line for line in lines if D_POS_LINE.match(line)]
+    loss = [line for line in lines if D_LOSS_LINE.match(line)]
+    # i % 100 == 0 with 101 iterations per pass: iterations 0 and 100 of each of 2 passes
+    assert len(pos) == len(loss) == 4, uniform_run.proc.stdout
+    # the two lines come as a pair, d_pos first
+    for k, line in enumerate(lines):
+        if D_POS_LINE.match(line):
+            assert D_LOSS_LINE.match(lines[k + 1])
+    # d_loss is the mean of the two losses printed above it
+    for p, l in zip(pos, loss):
+        d_pos, d_neg = float(p.split()[2]), float(p.split()[5])
+        assert float(l.split()[2]) == pytest.approx((d_pos + d_neg) / 2, rel=1e-5)
+
+
+def test_uniform_run_prints_trainer_summaries(uniform_run):
+    summaries = [line for line in uniform_run.proc.stdout.splitlines() if line.startswith("Batch=")]
+    assert summaries, uniform_run.proc.stdout
+    assert all(SUMMARY_LINE.match(line) for line in summaries), summaries
+
+
+def test_uniform_run_writes_pictures_and_plots(uniform_run):
+    samples = uniform_run.samples("uniform")
+    for name in ("train_pass0.png", "train_pass1.png", "losses.png"):
+        with Image.open(samples / name) as im:
+            assert im.format == "PNG"
+    with Image.open(samples / "progress.gif") as gif:
+        assert gif.format == "GIF"
+        assert gif.n_frames == 2  # one frame per pass
+    assert not (samples / "train_pass2.png").exists()
+
+
+def test_uniform_run_writes_checkpoints(uniform_run):
+    params = uniform_run.params("uniform")
+    assert sorted(p.name for p in params.glob("*.pt")) == ["pass_0.pt", "pass_1.pt"]
+    ckpt = load_ckpt(params / "pass_1.pt")
+    assert {"generator", "discriminator", "opt_g", "opt_d", "rng", "pass", "iteration", "schedule",
+            "fixed_noise", "config"} <= ckpt.keys()
+    assert ckpt["pass"] == 1 and ckpt["iteration"] == 101
+    assert ckpt["config"]["data_source"] == "uniform" and ckpt["config"]["batch_size"] == 16
+    assert ckpt["schedule"]["net"] in ("dis", "gen") and 1 <= ckpt["schedule"]["strike"] <= 5
+    gen, dis = gan_trainer.build_nets(gan_trainer.config_from_checkpoint(ckpt))
+    gen.load_state_dict(ckpt["generator"])
+    dis.load_state_dict(ckpt["discriminator"])
+    assert ckpt["fixed_noise"].shape[1] == 10
+    # the weights moved during training
+    assert not torch.equal(ckpt["generator"]["0.weight"], load_ckpt(params / "pass_0.pt")["generator"]["0.weight"])
+
+
+def test_uniform_run_writes_metrics_jsonl(uniform_run):
+    text = (uniform_run.params("uniform") / "metrics.jsonl").read_text()
+    records = [json.loads(line) for line in text.splitlines()]
+    assert [(m["pass"], m["iteration"]) for m in records] == [(0, 0), (0, 100), (1, 0), (1, 100)]
+    for m in records:
+        assert METRIC_KEYS <= m.keys()
+        assert m["trained"] in ("dis", "gen")
+        assert 1 <= m["strike"] <= 5
+        assert 0 <= m["d_real"] <= 1 and 0 <= m["d_fake"] <= 1
+        assert m["d_loss"] == pytest.approx((m["d_pos_loss"] + m["d_neg_loss"]) / 2)
+    # the logged values are the printed ones
+    printed = [float(line.split()[2]) for line in uniform_run.proc.stdout.splitlines() if D_LOSS_LINE.match(line)]
+    assert printed == pytest.approx([m["d_loss"] for m in records], rel=1e-9)
+
+
+# ------------------------------------------------------------------ images
+
+def test_mnist_run_exits_0_and_writes_outputs(mnist_run):
+    assert mnist_run.proc.returncode == 0, mnist_run.proc.stderr
+    assert mnist_run.proc.stderr == ""
+    samples, params = mnist_run.samples("mnist"), mnist_run.params("mnist")
+    for p in (0, 1):
+        with Image.open(samples / f"train_pass{p}.png") as im:
+            assert im.format == "PNG"
+            assert im.width == 8 * 28  # 8 digits a row, no padding
+            assert im.height % 28 == 0
+    assert (params / "pass_1.pt").exists()
+    assert sum(1 for line in mnist_run.proc.stdout.splitlines() if D_POS_LINE.match(line)) == 2
+
+
+def test_mnist_sample_grid_is_8x8_224px(mnist_run):
+    # The documented picture: the first 64 samples tiled 8 x 8, 224 x 224 pixels, also when
+    # the batch (here 16) is smaller than 64.
+    with Image.open(mnist_run.samples("mnist") / "train_pass0.png") as im:
+        assert im.size == (224, 224)
+
+
+def test_cifar_run_exits_0_and_writes_256px_grid(tmp_path, capsys):
+    # batch 64: the grid holds 8 x 8 images of 32 x 32 pixels
+    data = make_cifar_dir(tmp_path / "data", per_batch=40)
+    code, out, err = run_main(["-d", "cifar", "--batch_size", 64, "--iters", 2, "--passes", 1, "--seed", 0,
+                               "--use_gpu", 0, "--quiet", "--data_dir", data, "--out_dir", tmp_path / "out"], capsys)
+    assert code == 0, err
+    with Image.open(tmp_path / "out" / "cifar_samples" / "train_pass0.png") as im:
+        assert im.format == "PNG"
+        assert im.size == (256, 256)
+        assert im.mode == "RGB"
+    ckpt = load_ckpt(tmp_path / "out" / "cifar_params" / "pass_0.pt")
+    assert tuple(ckpt["config"]["sample_shape"]) == (3, 32, 32)
+
+
+def test_load_cifar_reads_channel_major_rows(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for k in range(1, 6):
+        r = np.zeros((2, 3072), np.uint8)
+        r[:, :1024], r[:, 1024:2048], r[:, 2048:] = 10 * k, 100, 200  # R, G, B planes
+        (folder / f"data_batch_{k}").write_bytes(pickle.dumps({b"data": r, b"labels": [0, 0]}, protocol=2))
+    images = gan_trainer.load_cifar(tmp_path)
+    assert images.shape == (10, 3, 32, 32) and images.dtype == np.uint8
+    assert (images[:, 1] == 100).all() and (images[:, 2] == 200).all()
+    assert [int(images[2 * (k - 1), 0, 5, 5]) for k in range(1, 6)] == [10, 20, 30, 40, 50]
+
+
+def test_mnist_loader_accepts_gz_beside(tmp_path):
+    images = mnist_images(30, seed=3)
+    make_mnist_dir(tmp_path / "raw", images=images)
+    make_mnist_dir(tmp_path / "gz", images=images, gz=True)
+    assert not (tmp_path / "gz" / "mnist_data" / MNIST_IMAGES).exists()
+    raw = gan_trainer.load_mnist(tmp_path / "raw")
+    gz = gan_trainer.load_mnist(tmp_path / "gz")
+    assert raw.shape == gz.shape == (30, 1, 28, 28)
+    assert np.array_equal(raw, gz) and np.array_equal(raw[:, 0], images)
+
+
+def test_read_idx_values_and_shape(tmp_path):
+    labels = np.arange(10, dtype=np.uint8)
+    (tmp_path / "l").write_bytes(idx_bytes(2049, labels))
+    assert np.array_equal(gan_trainer.read_idx(tmp_path / "l", 2049, ()), labels)
+
+
+def test_real_batch_scales_images_to_unit_range():
+    data = torch.tensor([[0], [255], [51]], dtype=torch.uint8).repeat(1, 4)
+    batch = gan_trainer.real_batch(data, 3)
+    assert sorted(batch[:, 0].tolist()) == pytest.approx([-1.0, -0.6, 1.0])  # x / 255 * 2 - 1
+    idx = gan_trainer.draw_indices(1000, 16, torch.device("cpu"))
+    assert len(set(idx.tolist())) == 16 and 0 <= idx.min() and idx.max() < 1000  # no repeats in a batch
+
+
+# ------------------------------------------------------------------ checkpoints kept
+
+def test_keep_newest_checkpoints(tmp_path, capsys):
+    code, out, err = run_main(["-d", "uniform", "--passes", 4, "--iters", 2, "--batch_size", 16, "--seed", 0,
+                               "--use_gpu", 0, "--quiet", "--keep", 2, "--out_dir", tmp_path], capsys)
+    assert code == 0, err
+    params = tmp_path / "uniform_params"
+    assert sorted(p.name for p in params.glob("*.pt")) == ["pass_2.pt", "pass_3.pt"]
+    assert load_ckpt(params / "pass_3.pt")["pass"] == 3
+    assert len(list((tmp_path / "uniform_samples").glob("train_pass*.png"))) == 4
