@@ -11,6 +11,7 @@ step, outputs, checkpoints, evaluation, the loop, the command line.
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gzip
 import json
 import math
@@ -170,12 +171,12 @@ REAL, FAKE = 1, 0
 
 def cost(logits, label):
     """Cross-entropy of the 2-way softmax against one label for the whole batch."""
-    return F.cross_entropy(logits.float(), torch.full((len(logits),), label, device=logits.device))
+    return F.cross_entropy(logits.float(), labels(len(logits), label, logits.device))
 
 
-def error(logits, label):
-    """D's classification error on the batch (share classified as not `label`)."""
-    return (logits.argmax(1) != label).float().mean()
+@functools.lru_cache(maxsize=16)
+def labels(n, label, device):
+    return torch.full((n,), label, device=device)
 
 
 @dataclasses.dataclass
@@ -205,71 +206,111 @@ def train_step(gen, dis, opt_g, opt_d, x, z, schedule, autocast):
             real_logits = dis(x)
     step = Step(cost(real_logits, REAL), cost(fake_logits, FAKE), cost(fake_logits, REAL),
                 real_logits, fake_logits)
-    # d_loss is the float64 mean of the two, as the original computed it in Python.
-    d_loss = (step.d_pos_loss.double() + step.d_neg_loss.double()) / 2
-    d_larger, finite = torch.stack([d_loss > step.g_loss.double(),
-                                    torch.isfinite(d_loss + step.g_loss)]).tolist()
-    if not finite:
+    # The one value the host needs each iteration: the choice. As in the original, d_loss is
+    # the (float64) Python mean of the two float32 costs.
+    d_pos, d_neg, g_loss = torch.stack([step.d_pos_loss, step.d_neg_loss, step.g_loss]).tolist()
+    d_loss = (d_pos + d_neg) / 2
+    if not math.isfinite(d_loss + g_loss):
         return step  # net stays "": the caller stops the run
-    step.net = choose_net(schedule, d_larger)
+    step.net = choose_net(schedule, d_loss > g_loss)
     if step.net == "dis":
         # D: one update on the fake batch (its graph is at hand), then one on the real batch.
-        opt_d.zero_grad(set_to_none=True)
-        step.d_neg_loss.backward(inputs=list(dis.parameters()))
-        opt_d.step()
-        opt_d.zero_grad(set_to_none=True)
+        set_grads(step.d_neg_loss, dis)
+        adam_step(opt_d)
         with autocast():
             logits = dis(x)
         real_cost = cost(logits, REAL)
-        real_cost.backward()
-        opt_d.step()
-        step.batches = [(step.d_neg_loss.detach(), error(fake_logits, FAKE)),
-                        (real_cost.detach(), error(logits, REAL))]
+        set_grads(real_cost, dis)
+        adam_step(opt_d)
+        step.batches = [(step.d_neg_loss.detach(), fake_logits.detach(), FAKE),
+                        (real_cost.detach(), logits.detach(), REAL)]
     else:
         # G: one update through the unchanged D, with label "real".
-        opt_g.zero_grad(set_to_none=True)
-        step.g_loss.backward(inputs=list(gen.parameters()))
-        opt_g.step()
-        step.batches = [(step.g_loss.detach(), error(fake_logits, REAL))]
+        set_grads(step.g_loss, gen)
+        adam_step(opt_g)
+        step.batches = [(step.g_loss.detach(), fake_logits.detach(), REAL)]
     return step
 
 
+def adam_step(opt):
+    """opt.step() for a torch.optim.Adam(fused=True), without its per-call Python bookkeeping.
+
+    That bookkeeping (~100 us) costs more than the whole update of the tiny uniform nets. This
+    runs what Adam's fused path runs, on Adam's own state (so state_dict, checkpoints and
+    resume are unchanged); tests/test_step_equivalence.py checks it equals opt.step() bit for bit.
+    """
+    group = opt.param_groups[0]
+    params = group["params"]
+    states = [opt.state[p] for p in params]
+    if len(opt.param_groups) != 1 or not all(states) or group["amsgrad"] or not group["fused"] \
+            or not hasattr(torch, "_fused_adam_"):
+        return opt.step()  # the first step creates the state; anything unusual takes the plain path
+    steps = [s["step"] for s in states]
+    torch._foreach_add_(steps, 1)
+    torch._fused_adam_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                       [s["exp_avg_sq"] for s in states], [], steps, amsgrad=False, lr=group["lr"],
+                       beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=group["weight_decay"],
+                       eps=group["eps"], maximize=group["maximize"], grad_scale=None, found_inf=None)
+
+
+def set_grads(loss, net):
+    """The gradients of loss with respect to net's parameters, as their .grad (replaced, so
+    no zero_grad is needed, and nothing is computed for the other net)."""
+    params = list(net.parameters())
+    for p, g in zip(params, torch.autograd.grad(loss, params)):
+        p.grad = g
+
+
 class TrainerLog:
-    """Paddle's per-trainer summary: every 100 of this net's batches, its average cost and D's error."""
+    """Paddle's per-trainer summary: every 100 of this net's batches, its average cost and D's error.
+
+    Batches are only queued (their cost and D's logits, no device work); costs and errors are
+    computed for 100 batches at once and summed on the host in batch order, so that a run
+    resumed from a checkpoint prints the very same figures.
+    """
 
     def __init__(self, name, batch_size):
         self.name, self.batch_size = name, batch_size
         self.reset_pass()
 
     def reset_pass(self):
-        self.batches = 0
-        self.pass_sums = torch.zeros(2, dtype=torch.float64)
-        self.window_sums = torch.zeros(2, dtype=torch.float64)
+        self.batches, self.pass_sums, self.window_sums, self.pending = 0, [0.0, 0.0], [0.0, 0.0], []
 
-    def add(self, cost_value, error_value):
-        """Accumulate on the device; returns a summary line every LOG_PERIOD batches."""
-        if self.window_sums.device != cost_value.device:
-            self.pass_sums = self.pass_sums.to(cost_value.device)
-            self.window_sums = self.window_sums.to(cost_value.device)
-        self.window_sums += torch.stack([cost_value.double(), error_value.double()])
+    def add(self, batch_cost, logits, label):
+        """Queue one training batch; returns a summary line every LOG_PERIOD batches."""
+        self.pending.append((batch_cost, logits, label))
         self.batches += 1
         if self.batches % LOG_PERIOD:
             return None
-        self.pass_sums += self.window_sums
-        (avg_cost, avg_err), (cur_cost, cur_err) = (self.pass_sums / self.batches).tolist(), \
-            (self.window_sums / LOG_PERIOD).tolist()
-        self.window_sums.zero_()
+        self.flush()
+        self.pass_sums = [p + w for p, w in zip(self.pass_sums, self.window_sums)]
+        (avg_cost, avg_err), (cur_cost, cur_err) = ([s / self.batches for s in self.pass_sums],
+                                                    [s / LOG_PERIOD for s in self.window_sums])
+        self.window_sums = [0.0, 0.0]
         metric = f"{self.name}_training_error"
         return (f"Batch={self.batches} samples={self.batches * self.batch_size} "
                 f"AvgCost={avg_cost:.6g} CurrentCost={cur_cost:.6g} Eval: {metric}={avg_err:.6g}  "
                 f"CurrentEval: {metric}={cur_err:.6g}")
 
+    def flush(self):
+        """Fold the queued batches into the window sums."""
+        if not self.pending:
+            return
+        costs, logits, labels = zip(*self.pending)
+        logits = torch.stack(logits).float()
+        labels = torch.tensor(labels, device=logits.device)[:, None]
+        errors = (logits.argmax(2) != labels).float().mean(1)
+        for c, e in zip(torch.stack(costs).tolist(), errors.tolist()):
+            self.window_sums = [self.window_sums[0] + c, self.window_sums[1] + e]
+        self.pending = []
+
     def state_dict(self):
-        return {"batches": self.batches, "pass_sums": self.pass_sums.cpu(), "window_sums": self.window_sums.cpu()}
+        self.flush()
+        return {"batches": self.batches, "pass_sums": self.pass_sums, "window_sums": self.window_sums}
 
     def load_state_dict(self, state):
-        self.batches = state["batches"]
-        self.pass_sums, self.window_sums = state["pass_sums"].clone(), state["window_sums"].clone()
+        self.reset_pass()
+        self.batches, self.pass_sums, self.window_sums = state["batches"], state["pass_sums"], state["window_sums"]
 
 
 def loss_lines(step):
@@ -339,10 +380,14 @@ def save_scatter(points, path, title=""):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     pts = points.cpu().numpy()
+    lo, hi = -1.0, 2.0
+    inside = ((pts >= 0) & (pts < 1)).all(1).mean()
+    off_view = (~((pts >= lo) & (pts <= hi)).all(1)).sum()
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.add_patch(plt.Rectangle((0, 0), 1, 1, fill=False, color="tab:red", lw=1.5, label="target [0,1]^2"))
     ax.scatter(pts[:, 0], pts[:, 1], s=4, alpha=0.6, label="generated")
-    ax.set(xlim=(-0.5, 1.5), ylim=(-0.5, 1.5), aspect="equal", title=title)
+    note = f"{inside:.0%} inside the square" + (f", {off_view} of {len(pts)} beyond this view" if off_view else "")
+    ax.set(xlim=(lo, hi), ylim=(lo, hi), aspect="equal", title=f"{title}\n{note}".strip())
     ax.legend(loc="upper right", fontsize=8)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
@@ -711,9 +756,10 @@ def make_training(cfg, options, device):
     gen, dis = (net.to(device) for net in build_nets(cfg))
     if options.get("channels_last") and cfg.is_image:
         gen, dis = gen.to(memory_format=torch.channels_last), dis.to(memory_format=torch.channels_last)
-    # foreach: one multi-tensor kernel per Adam operation; bit-identical to the per-tensor loop
-    opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999), foreach=True)
-    opt_d = torch.optim.Adam(dis.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999), foreach=True)
+    # fused: the whole Adam update of a net in one kernel (the same arithmetic, summed in
+    # another order); it is what makes the tiny uniform nets fast.
+    opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999), fused=True)
+    opt_d = torch.optim.Adam(dis.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999), fused=True)
     return gen, dis, opt_g, opt_d, make_autocast(device, options.get("bf16"))
 
 

@@ -159,3 +159,28 @@ def test_reference_losses_precede_update():
     d_pos, *_ , net = reference_step(gen, dis, opt_g, opt_d, x, z, gan_trainer.Schedule())
     assert net in ("dis", "gen")
     assert torch.equal(d_pos, before)
+
+
+def test_adam_step_equals_fused_adam_step_bit_for_bit():
+    """gan_trainer.adam_step calls Adam's fused kernel directly: same parameters and state as opt.step()."""
+    torch.manual_seed(0)
+    cfg = CONFIGS["mnist"]
+    _, dis = build_nets(cfg)
+    twin = copy.deepcopy(dis)
+    opts = [torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999), fused=True) for net in (dis, twin)]
+    for i in range(4):
+        if i == 1:  # from the second step on, the state exists: adam_step must not call opt.step()
+            opts[1].step = lambda *a, **k: pytest.fail("adam_step fell back to Adam.step")
+        for net in (dis, twin):
+            for p in net.parameters():
+                p.grad = None
+        grads = [torch.randn_like(p) for p in dis.parameters()]
+        for net in (dis, twin):
+            for p, g in zip(net.parameters(), grads):
+                p.grad = g.clone()
+        opts[0].step()
+        gan_trainer.adam_step(opts[1])
+    for a, b in zip(dis.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    for sa, sb in zip(opts[0].state.values(), opts[1].state.values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
