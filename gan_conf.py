@@ -17,7 +17,6 @@ averages exist anywhere, so `model.eval()` changes nothing.
 """
 from dataclasses import asdict, dataclass
 
-import torch
 from torch import nn
 
 
