@@ -35,7 +35,7 @@ class GANConfig:
     df_dim: int = 64      # image nets: D's base width
     # Opt-in departures from the tutorial (the defaults are the original's):
     d_batch_norm: bool = True  # False: D without batch norm (see README, "Measured quality")
-    d_leaky: float = 0.0       # > 0: LeakyReLU with this slope in D instead of ReLU
+    g_sigmoid: bool = False    # uniform: G ends in a sigmoid, so its points lie in (0, 1)^2
 
     @property
     def is_image(self):
@@ -71,6 +71,8 @@ class UniformGenerator(nn.Sequential):
             nn.Linear(cfg.noise_dim, h), nn.ReLU(),
             nn.Linear(h, h), batch_norm_1d(h), nn.ReLU(),
             nn.Linear(h, cfg.sample_shape[0]),
+            # the analogue of the image G's tanh: outputs in the data's range
+            *([nn.Sigmoid()] if cfg.g_sigmoid else []),
         )
         init_uniform_net(self)
 
@@ -81,15 +83,11 @@ class UniformDiscriminator(nn.Sequential):
     def __init__(self, cfg):
         h = cfg.hidden_dim
         super().__init__(
-            nn.Linear(cfg.sample_shape[0], h), d_relu(cfg),
-            nn.Linear(h, h), *d_batch_norm(cfg, h, batch_norm_1d), d_relu(cfg),
+            nn.Linear(cfg.sample_shape[0], h), nn.ReLU(),
+            nn.Linear(h, h), *d_batch_norm(cfg, h, batch_norm_1d), nn.ReLU(),
             nn.Linear(h, 2),
         )
         init_uniform_net(self)
-
-
-def d_relu(cfg):
-    return nn.LeakyReLU(cfg.d_leaky) if cfg.d_leaky > 0 else nn.ReLU()
 
 
 def d_batch_norm(cfg, n, make):
@@ -172,9 +170,9 @@ class ImageDiscriminator(nn.Module):
         s, s2, s4, s8 = image_sizes(cfg)
         d = cfg.df_dim
         self.convs = nn.Sequential(
-            conv(c, d, s, s2), d_relu(cfg),
-            conv(d, d * 2, s2, s4), *d_batch_norm(cfg, d * 2, batch_norm_2d), d_relu(cfg),
-            conv(d * 2, d * 4, s4, s8), *d_batch_norm(cfg, d * 4, batch_norm_2d), d_relu(cfg),
+            conv(c, d, s, s2), nn.ReLU(),
+            conv(d, d * 2, s2, s4), *d_batch_norm(cfg, d * 2, batch_norm_2d), nn.ReLU(),
+            conv(d * 2, d * 4, s4, s8), *d_batch_norm(cfg, d * 4, batch_norm_2d), nn.ReLU(),
         )
         self.fc = nn.Linear(d * 4 * s8 * s8, 2)
         init_image_net(self)

@@ -707,8 +707,11 @@ def output_dirs(out_dir, data_source):
 
 def make_config(args):
     cfg = CONFIGS[args.data_source]
+    if cfg.is_image and (args.hidden_dim or args.g_sigmoid):
+        raise UserError("--hidden_dim and --g_sigmoid apply to -d uniform only")
     overrides = {"passes": args.passes, "iters_per_pass": args.iters, "batch_size": args.batch_size, "lr": args.lr,
-                 "d_batch_norm": bool(args.d_batch_norm), "d_leaky": args.d_leaky}
+                 "d_batch_norm": bool(args.d_batch_norm), "hidden_dim": args.hidden_dim,
+                 "g_sigmoid": bool(args.g_sigmoid)}
     return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -1031,10 +1034,6 @@ def positive_float(text):
     return value
 
 
-def non_negative_float(text):
-    return positive_float(text) if text.strip() not in ("0", "0.0") else 0.0
-
-
 def non_negative_int(text):
     value = positive_int(text) if text.strip() != "0" else 0
     return value
@@ -1062,7 +1061,8 @@ def parse_args(argv=None):
                    help="score the generator every K passes (0: never); see --evaluate")
     r = p.add_argument_group("opt-in remedies (defaults: the tutorial's nets)")
     r.add_argument("--d_batch_norm", type=int, default=1, choices=[0, 1], help="0: D without batch norm")
-    r.add_argument("--d_leaky", type=non_negative_float, default=0.0, metavar="SLOPE", help="> 0: LeakyReLU slope in D")
+    r.add_argument("--hidden_dim", type=positive_int, metavar="N", help="uniform: width of both nets (10)")
+    r.add_argument("--g_sigmoid", type=int, default=0, choices=[0, 1], help="uniform: G ends in a sigmoid")
     s = p.add_argument_group("speed (off by default: the faithful run is strict fp32)")
     s.add_argument("--bf16", type=int, default=0, choices=[0, 1], help="bfloat16 autocast for the nets")
     s.add_argument("--threads", type=non_negative_int, default=0, metavar="N",
