@@ -188,7 +188,7 @@ class Step:
     real_logits: torch.Tensor
     fake_logits: torch.Tensor
     net: str = ""
-    batches: list = dataclasses.field(default_factory=list)  # (cost, error) of each training batch
+    batches: list = dataclasses.field(default_factory=list)  # (cost, D logits, label) per training batch
 
 
 def train_step(gen, dis, opt_g, opt_d, x, z, schedule, autocast):
