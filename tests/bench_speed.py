@@ -216,7 +216,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device(args.device)
     sources = ["uniform", "mnist", "cifar"] if args.data_source == "all" else [args.data_source]
+    default_threads = torch.get_num_threads()
     for source in sources:
+        torch.set_num_threads(default_threads)
         a = copy.copy(args)
         a.iters = args.iters or (1000 if source == "uniform" else 20)
         a.warmup = args.warmup if args.warmup is not None else (20 if source == "uniform" else 3)
