@@ -181,14 +181,20 @@ def labels(n, label, device):
 
 @dataclasses.dataclass
 class Step:
-    """What one iteration computed; tensors stay on the device until logged."""
+    """What one iteration computed: the losses (on the device, and as host floats), D's logits."""
     d_pos_loss: torch.Tensor
     d_neg_loss: torch.Tensor
     g_loss: torch.Tensor
     real_logits: torch.Tensor
     fake_logits: torch.Tensor
+    values: tuple = ()  # (d_pos_loss, d_neg_loss, g_loss) as Python floats
     net: str = ""
     batches: list = dataclasses.field(default_factory=list)  # (cost, D logits, label) per training batch
+
+    @property
+    def d_loss(self):
+        """(d_pos_loss + d_neg_loss) / 2 in float64, as the original computed it in Python."""
+        return (self.values[0] + self.values[1]) / 2
 
 
 def train_step(gen, dis, opt_g, opt_d, x, z, schedule, autocast):
@@ -206,13 +212,11 @@ def train_step(gen, dis, opt_g, opt_d, x, z, schedule, autocast):
             real_logits = dis(x)
     step = Step(cost(real_logits, REAL), cost(fake_logits, FAKE), cost(fake_logits, REAL),
                 real_logits, fake_logits)
-    # The one value the host needs each iteration: the choice. As in the original, d_loss is
-    # the (float64) Python mean of the two float32 costs.
-    d_pos, d_neg, g_loss = torch.stack([step.d_pos_loss, step.d_neg_loss, step.g_loss]).tolist()
-    d_loss = (d_pos + d_neg) / 2
-    if not math.isfinite(d_loss + g_loss):
+    # What the host needs each iteration: the losses behind the choice, in one read.
+    step.values = tuple(torch.stack([step.d_pos_loss, step.d_neg_loss, step.g_loss]).tolist())
+    if not math.isfinite(step.d_loss + step.values[2]):
         return step  # net stays "": the caller stops the run
-    step.net = choose_net(schedule, d_loss > g_loss)
+    step.net = choose_net(schedule, step.d_loss > step.values[2])
     if step.net == "dis":
         # D: one update on the fake batch (its graph is at hand), then one on the real batch.
         set_grads(step.d_neg_loss, dis)
@@ -315,10 +319,9 @@ class TrainerLog:
 
 def loss_lines(step):
     """The tutorial's two log lines (float32 values as %g, d_loss with 12 digits like Python 2's str)."""
-    d_pos, d_neg, g = (v.detach().item() for v in (step.d_pos_loss, step.d_neg_loss, step.g_loss))
-    d_loss = (d_pos + d_neg) / 2
+    d_pos, d_neg, g = step.values
     return (f"d_pos_loss is {d_pos:.6g}     d_neg_loss is {d_neg:.6g}",
-            f"d_loss is {d_loss:.12g}    g_loss is {g:.6g}")
+            f"d_loss is {step.d_loss:.12g}    g_loss is {g:.6g}")
 
 
 # ====================================================================== outputs
@@ -469,7 +472,12 @@ def save_checkpoint(path, state, keep):
         torch.save(state, tmp)
     if keep > 0:
         for old in list_checkpoints(path.parent)[:-keep]:
-            old.unlink(missing_ok=True)
+            if old != path:
+                old.unlink(missing_ok=True)
+
+
+CHECKPOINT_KEYS = {"generator", "discriminator", "opt_g", "opt_d", "rng", "pass", "iteration", "schedule",
+                   "fixed_noise", "config", "options", "trainer_logs", "steps", "elapsed"}
 
 
 def load_checkpoint(path, data_source):
@@ -488,8 +496,9 @@ def load_checkpoint(path, data_source):
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated zip, not a torch file, ...
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-    if not isinstance(ckpt, dict) or not {"generator", "config"} <= ckpt.keys():
-        raise UserError(f"{path}: not a checkpoint of this trainer (no generator/config)")
+    missing = CHECKPOINT_KEYS - ckpt.keys() if isinstance(ckpt, dict) else CHECKPOINT_KEYS
+    if missing or not isinstance(ckpt["config"], dict):
+        raise UserError(f"{path}: not a checkpoint of this trainer (missing {', '.join(sorted(missing)) or 'config'})")
     made_for = ckpt["config"].get("data_source")
     if made_for != data_source:
         raise UserError(f"{path}: checkpoint was made for -d {made_for}, not -d {data_source}")
@@ -508,8 +517,11 @@ def load_weights(net, state, what, path):
 def config_from_checkpoint(ckpt):
     fields = {f.name for f in dataclasses.fields(GANConfig)}
     c = {k: v for k, v in ckpt["config"].items() if k in fields}
-    c["sample_shape"] = tuple(c["sample_shape"])
-    return GANConfig(**c)
+    try:
+        c["sample_shape"] = tuple(c["sample_shape"])
+        return GANConfig(**c)
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{ckpt['path']}: its configuration is incomplete ({e})")
 
 
 # ====================================================================== evaluation
@@ -605,11 +617,17 @@ def load_digit_classifier(data_dir, log=print):
     return train_digit_classifier(data_dir, path, log)
 
 
+def check_evaluable(data_source):
+    if data_source == "cifar":
+        raise UserError("no offline feature extractor for CIFAR-10 is available here "
+                        "(an Inception network would need downloaded weights); look at the sample grids")
+
+
 class Evaluator:
     """Scores generated samples against the real data; holds what is computed once."""
 
     def __init__(self, cfg, data_dir, data, log=print):
-        self.cfg, self.data_dir, self.log = cfg, data_dir, log
+        self.cfg = cfg
         if cfg.data_source == "mnist":
             self.classifier = load_digit_classifier(data_dir, log)
             test = to_unit_range(torch.from_numpy(load_mnist(data_dir, "test").copy()))
@@ -620,9 +638,6 @@ class Evaluator:
             probe = to_unit_range(self.train[:k]).flatten(1)
             rest = to_unit_range(self.train[k:k + 10000]).flatten(1)
             self.typical_nn = torch.cdist(probe, rest).min(1).values.median().item()
-        elif cfg.data_source == "cifar":
-            raise UserError("no offline feature extractor for CIFAR-10 is available here "
-                            "(an Inception network would need downloaded weights); look at the sample grids")
 
     @torch.no_grad()
     def features(self, images):
@@ -774,6 +789,8 @@ def make_autocast(device, bf16):
 
 def train(args):
     log = Printer(args.quiet)
+    if args.eval_every:
+        check_evaluable(args.data_source)
     device = choose_device(args.use_gpu, args.gpu_id, log)
     samples_dir, params_dir = output_dirs(args.out_dir, args.data_source)
 
@@ -781,6 +798,15 @@ def train(args):
     ckpt = None
     if args.resume is not None:
         ckpt = load_checkpoint(args.resume or params_dir, args.data_source)
+        newer = [p for p in list_checkpoints(params_dir) if int(p.stem[5:]) > ckpt["pass"]]
+        if newer and ckpt["path"].parent.resolve() == params_dir.resolve():
+            raise UserError(f"{newer[-1]} is newer than {ckpt['path']}: resuming from the older one would "
+                            f"overwrite the newer ones; move them away first, or --resume from the newest")
+        ignored = [flag for flag, value in (("--iters", args.iters), ("--batch_size", args.batch_size),
+                                            ("--lr", args.lr), ("--seed", args.seed), ("--hidden_dim", args.hidden_dim))
+                   if value is not None]
+        if ignored:
+            log(f"--resume continues with the checkpoint's configuration: {' '.join(ignored)} ignored")
         cfg = config_from_checkpoint(ckpt)
         if args.passes is not None:
             cfg = dataclasses.replace(cfg, passes=args.passes)
@@ -884,9 +910,8 @@ def train(args):
                     log.end_pass()
                     last = list_checkpoints(params_dir)
                     kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
-                    d_loss = (step.d_pos_loss + step.d_neg_loss).detach().item() / 2
                     raise UserError(f"non-finite loss at pass {pass_id} iteration {i} "
-                                    f"(d_loss={d_loss:g}, g_loss={step.g_loss.detach().item():g}); stopping: {kept}")
+                                    f"(d_loss={step.d_loss:g}, g_loss={step.values[2]:g}); stopping: {kept}")
                 schedule = advance(schedule, step.net)
                 steps[step.net] += 1
                 for batch in step.batches:
@@ -933,7 +958,7 @@ def train(args):
             log(f"Pass={pass_id} done: {done} iterations in {seconds:.1f} s "
                 f"({100 * seconds / max(done, 1):.2f} s per 100), D trained {steps['dis']} / G {steps['gen']} "
                 f"iterations so far{stats}; {picture}, {path}")
-            if stop.signal is not None:
+            if stop.signal is not None and pass_id + 1 < cfg.passes:
                 raise SystemExit(_interrupted(f"{signal.Signals(stop.signal).name}: stopped after pass {pass_id}; "
                                               f"checkpoint {path}; continue with --resume"))
 
@@ -945,9 +970,9 @@ def _interrupted(message):
 
 @torch.no_grad()
 def log_metrics(step, pass_id, i, cfg, schedule, steps, seconds):
-    d_pos, d_neg, g = (v.detach().item() for v in (step.d_pos_loss, step.d_neg_loss, step.g_loss))
+    d_pos, d_neg, g = step.values
     return {"pass": pass_id, "iteration": i, "step": pass_id * cfg.iters_per_pass + i,
-            "d_pos_loss": d_pos, "d_neg_loss": d_neg, "d_loss": (d_pos + d_neg) / 2, "g_loss": g,
+            "d_pos_loss": d_pos, "d_neg_loss": d_neg, "d_loss": step.d_loss, "g_loss": g,
             "trained": step.net, "strike": schedule.strike,
             "d_real": step.real_logits.float().softmax(1)[:, REAL].mean().item(),
             "d_fake": step.fake_logits.detach().float().softmax(1)[:, REAL].mean().item(),
@@ -956,7 +981,7 @@ def log_metrics(step, pass_id, i, cfg, schedule, steps, seconds):
 
 
 def load_generator(args, device):
-    _, params_dir = Path(args.out_dir) / f"{args.data_source}_samples", Path(args.out_dir) / f"{args.data_source}_params"
+    params_dir = Path(args.out_dir) / f"{args.data_source}_params"
     ckpt = load_checkpoint(args.params or params_dir, args.data_source)
     cfg = config_from_checkpoint(ckpt)
     gen, _ = build_nets(cfg)
@@ -967,8 +992,6 @@ def load_generator(args, device):
 def generate(args):
     """The tutorial's last step: noise through the trained G; writes FILE.npy and FILE.png."""
     device = choose_device(args.use_gpu, args.gpu_id, print)
-    if args.generate <= 0:
-        raise UserError(f"--generate {args.generate}: give a positive number of samples")
     cfg, gen, path = load_generator(args, device)
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -991,6 +1014,7 @@ def generate(args):
 
 def evaluate(args):
     """Score a trained generator offline (see the README for what each figure means)."""
+    check_evaluable(args.data_source)
     device = choose_device(args.use_gpu, args.gpu_id, print)
     cfg, gen, path = load_generator(args, device)
     torch.manual_seed(args.seed if args.seed is not None else 0)
@@ -1018,13 +1042,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+    return int_in_range(text, 1)
 
 
 def positive_float(text):
@@ -1038,7 +1056,17 @@ def positive_float(text):
 
 
 def non_negative_int(text):
-    value = positive_int(text) if text.strip() != "0" else 0
+    return int_in_range(text, 0)
+
+
+def int_in_range(text, low, high=None):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+    if value < low or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise argparse.ArgumentTypeError(f"must be an integer {bounds}, got {value}")
     return value
 
 
@@ -1051,9 +1079,11 @@ def parse_args(argv=None):
     g = p.add_argument_group("training (defaults: the tutorial's, per data source)")
     g.add_argument("--passes", type=positive_int, help="total passes (100); with --resume, the run's new total")
     g.add_argument("--iters", type=positive_int, help="iterations per pass (10000 uniform, 1000 images)")
-    g.add_argument("--batch_size", type=positive_int, help="batch size (128)")
+    g.add_argument("--batch_size", type=functools.partial(int_in_range, low=2),
+                   help="batch size (128; at least 2, for batch norm)")
     g.add_argument("--lr", type=positive_float, help="Adam learning rate (1e-4 uniform, 2e-4 images)")
-    g.add_argument("--seed", type=int, help="random seed (default: a fresh one, printed)")
+    g.add_argument("--seed", type=functools.partial(int_in_range, low=0, high=2 ** 32 - 1),
+                   help="random seed, 0 to 2^32-1 (default: a fresh one, printed)")
     g.add_argument("--data_dir", default="data", help="folder holding mnist_data/ and cifar-10-batches-py/")
     g.add_argument("--out_dir", default=".", help="where <d>_samples/ and <d>_params/ go")
     g.add_argument("--resume", nargs="?", const="", metavar="PATH",
@@ -1073,9 +1103,9 @@ def parse_args(argv=None):
     s.add_argument("--channels_last", type=int, choices=[0, 1],
                    help="channels-last memory layout for the image nets (default: 1 on the CPU, 0 on a GPU)")
     a = p.add_argument_group("applying a trained generator")
-    a.add_argument("--generate", type=int, metavar="N", help="write N samples to FILE.npy and FILE.png, then exit")
+    a.add_argument("--generate", type=positive_int, metavar="N", help="write N samples to FILE.npy and FILE.png, then exit")
     a.add_argument("--evaluate", action="store_true", help="score the trained generator, then exit")
-    a.add_argument("--samples", type=positive_int, default=10000, metavar="N", help="samples for --evaluate / --eval_every")
+    a.add_argument("--samples", type=functools.partial(int_in_range, low=2), default=10000, metavar="N", help="samples for --evaluate / --eval_every")
     a.add_argument("--params", metavar="PATH", help="checkpoint to use (default: the newest in <d>_params)")
     a.add_argument("--output", metavar="FILE", help="output name for --generate (default: <d>_samples/generated)")
     return p.parse_args(argv)

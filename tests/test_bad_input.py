@@ -128,3 +128,41 @@ def test_cifar_batch_of_the_wrong_dtype(tmp_path, capsys):
     (data / "cifar-10-batches-py" / "data_batch_2").write_bytes(cifar_batch_bytes(rows))
     code, out, err = run_main(train_argv("cifar", data, tmp_path / "out"), capsys)
     assert_one_line_error(code, err, "data_batch_2", "uint8")
+
+
+@pytest.mark.parametrize("flag, value", [("--seed", "-1"), ("--seed", str(2 ** 32)), ("--batch_size", "1"),
+                                         ("--samples", "1"), ("--keep", "-1"), ("--generate", "0")])
+def test_out_of_range_numbers_are_refused(tmp_path, capsys, flag, value):
+    code, out, err = run_main(["-d", "uniform", "--use_gpu", 0, flag, value, "--out_dir", tmp_path], capsys)
+    assert code == 2
+    assert_one_line_error(code, err, flag, value)
+
+
+def test_a_new_run_does_not_overwrite_an_existing_one(tmp_path, capsys):
+    argv = ["-d", "uniform", "--use_gpu", 0, "--iters", 5, "--passes", 1, "--batch_size", 16, "--quiet",
+            "--seed", 1, "--out_dir", tmp_path]
+    assert run_main(argv, capsys)[0] == 0
+    before = (tmp_path / "uniform_params" / "pass_0.pt").read_bytes()
+    code, out, err = run_main(argv, capsys)
+    assert_one_line_error(code, err, "already holds checkpoints", "--resume")
+    assert (tmp_path / "uniform_params" / "pass_0.pt").read_bytes() == before
+
+
+def test_resuming_an_older_checkpoint_does_not_destroy_newer_ones(tmp_path, capsys):
+    argv = ["-d", "uniform", "--use_gpu", 0, "--iters", 5, "--batch_size", 16, "--quiet", "--seed", 1,
+            "--keep", 0, "--out_dir", tmp_path]
+    assert run_main([*argv, "--passes", 3], capsys)[0] == 0
+    params = tmp_path / "uniform_params"
+    code, out, err = run_main([*argv, "--resume", params / "pass_0.pt", "--passes", 2], capsys)
+    assert_one_line_error(code, err, "pass_2.pt is newer than", "pass_0.pt")
+    assert sorted(p.name for p in params.glob("pass_*.pt")) == ["pass_0.pt", "pass_1.pt", "pass_2.pt"]
+
+
+def test_an_incomplete_checkpoint_is_refused(tmp_path, capsys):
+    import torch
+    params = tmp_path / "uniform_params"
+    params.mkdir()
+    torch.save({"generator": {}, "config": {"data_source": "uniform"}}, params / "pass_0.pt")
+    for extra in (["--generate", 4], ["--resume"]):
+        code, out, err = run_main(["-d", "uniform", "--use_gpu", 0, "--out_dir", tmp_path, *extra], capsys)
+        assert_one_line_error(code, err, "pass_0.pt", "not a checkpoint of this trainer")
