@@ -787,6 +787,61 @@ def make_autocast(device, bf16):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def load_resume_checkpoint(args, params_dir, log):
+    """The checkpoint --resume names (or the newest), refusing one that would overwrite newer ones."""
+    ckpt = load_checkpoint(args.resume or params_dir, args.data_source)
+    newer = [p for p in list_checkpoints(params_dir) if int(p.stem[5:]) > ckpt["pass"]]
+    if newer and ckpt["path"].parent.resolve() == params_dir.resolve():
+        raise UserError(f"{newer[-1]} is newer than {ckpt['path']}: resuming from the older one would "
+                        f"overwrite the newer ones; move them away first, or --resume from the newest")
+    ignored = [flag for flag, value in (("--iters", args.iters), ("--batch_size", args.batch_size),
+                                        ("--lr", args.lr), ("--seed", args.seed), ("--hidden_dim", args.hidden_dim))
+               if value is not None]
+    if ignored:
+        log(f"--resume continues with the checkpoint's configuration: {' '.join(ignored)} ignored")
+    return ckpt
+
+
+def resumed_config(args, ckpt):
+    """The checkpoint's configuration and options; --passes sets the run's new total."""
+    cfg = config_from_checkpoint(ckpt)
+    if args.passes is not None:
+        cfg = dataclasses.replace(cfg, passes=args.passes)
+    return cfg, ckpt["options"]
+
+
+def fresh_config(args, params_dir, device):
+    """Configuration and options of a new run; seeds every random generator."""
+    if list_checkpoints(params_dir):
+        raise UserError(f"{params_dir} already holds checkpoints of a run: continue it with --resume, "
+                        "or give another --out_dir (or remove them) to start afresh")
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    # channels-last convolutions win on the CPU (same arithmetic, summed in another order);
+    # on a GPU they have not been measured here, so they stay opt-in there.
+    channels_last = args.channels_last if args.channels_last is not None else device.type == "cpu"
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return make_config(args), {"seed": seed, "bf16": bool(args.bf16), "channels_last": bool(channels_last)}
+
+
+def metrics_until(path, ckpt):
+    """The metrics.jsonl lines up to a checkpoint: what the stopped run logged after it is dropped."""
+    kept = []
+    if not path.exists():
+        return kept
+    saved = (ckpt["pass"], ckpt["iteration"])
+    for line in path.read_text().splitlines():
+        try:
+            m = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        at = (m["pass"], m["iteration"])
+        if at < saved or ("eval" in m and at == saved):  # an evaluation precedes its checkpoint
+            kept.append(m)
+    return kept
+
+
 def train(args):
     log = Printer(args.quiet)
     if args.eval_every:
@@ -794,36 +849,9 @@ def train(args):
     device = choose_device(args.use_gpu, args.gpu_id, log)
     samples_dir, params_dir = output_dirs(args.out_dir, args.data_source)
 
-    # --- configuration: fresh, or the one the checkpoint was made with
-    ckpt = None
-    if args.resume is not None:
-        ckpt = load_checkpoint(args.resume or params_dir, args.data_source)
-        newer = [p for p in list_checkpoints(params_dir) if int(p.stem[5:]) > ckpt["pass"]]
-        if newer and ckpt["path"].parent.resolve() == params_dir.resolve():
-            raise UserError(f"{newer[-1]} is newer than {ckpt['path']}: resuming from the older one would "
-                            f"overwrite the newer ones; move them away first, or --resume from the newest")
-        ignored = [flag for flag, value in (("--iters", args.iters), ("--batch_size", args.batch_size),
-                                            ("--lr", args.lr), ("--seed", args.seed), ("--hidden_dim", args.hidden_dim))
-                   if value is not None]
-        if ignored:
-            log(f"--resume continues with the checkpoint's configuration: {' '.join(ignored)} ignored")
-        cfg = config_from_checkpoint(ckpt)
-        if args.passes is not None:
-            cfg = dataclasses.replace(cfg, passes=args.passes)
-        options = ckpt["options"]
-    else:
-        if list_checkpoints(params_dir):
-            raise UserError(f"{params_dir} already holds checkpoints of a run: continue it with --resume, "
-                            "or give another --out_dir (or remove them) to start afresh")
-        cfg = make_config(args)
-        seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
-        # channels-last convolutions win on the CPU (same arithmetic, summed in another order);
-        # on a GPU they have not been measured here, so they stay opt-in there.
-        channels_last = args.channels_last if args.channels_last is not None else device.type == "cpu"
-        options = {"seed": seed, "bf16": bool(args.bf16), "channels_last": bool(channels_last)}
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
+    # --- configuration: the one the checkpoint was made with, or a fresh one
+    ckpt = load_resume_checkpoint(args, params_dir, log) if args.resume is not None else None
+    cfg, options = resumed_config(args, ckpt) if ckpt else fresh_config(args, params_dir, device)
 
     # --- data, nets, optimizers
     set_threads(args.threads, cfg, device)
@@ -853,16 +881,7 @@ def train(args):
         if start_iter >= cfg.iters_per_pass:
             start_pass, start_iter = start_pass + 1, 0
         set_rng_state(ckpt["rng"])
-        # Metrics logged after the checkpoint (by the run that was stopped) are dropped.
-        if metrics_path.exists():
-            for line in metrics_path.read_text().splitlines():
-                try:
-                    m = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a kill
-                at, saved = (m["pass"], m["iteration"]), (ckpt["pass"], ckpt["iteration"])
-                if at < saved or ("eval" in m and at == saved):  # an evaluation precedes its checkpoint
-                    metrics.append(m)
+        metrics = metrics_until(metrics_path, ckpt)
         log(f"resuming {ckpt['path']} at pass {start_pass} iteration {start_iter} of {cfg.passes} passes")
     with atomic_path(metrics_path) as tmp:
         tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
