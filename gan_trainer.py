@@ -370,6 +370,14 @@ def remove_stale_temporaries(folder):
             pass
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (imported on first use: it is slow to load)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def save_sample_grid(images, path):
     """An 8 x 8 grid of the first 64 images, no padding (224 x 224 for mnist, 256 x 256 for cifar)."""
     from torchvision.utils import save_image
@@ -379,9 +387,7 @@ def save_sample_grid(images, path):
 
 def save_scatter(points, path, title=""):
     """Generated 2-D points over the target square [0, 1]^2, on fixed axes so passes compare."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     pts = points.cpu().numpy()
     lo, hi = -1.0, 2.0
     inside = ((pts >= 0) & (pts < 1)).all(1).mean()
@@ -406,11 +412,9 @@ def save_samples(samples, path, title=""):
 
 def plot_losses(metrics, path):
     """losses.png: the four losses at the logged iterations and the share of iterations D trained."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     if not metrics:
         return
+    plt = pyplot()
     metrics = [m for m in metrics if "d_loss" in m]  # leave out the evaluation lines
     x = [m["step"] for m in metrics]
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
