@@ -12,6 +12,7 @@ MIRRORS=(
 )
 for name in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
   if [ -s "$name" ]; then echo "$name: already here"; continue; fi
+  if [ -s "$name.gz" ] && gzip -t "$name.gz" 2>/dev/null; then gunzip -kf "$name.gz"; echo "$name: unpacked"; continue; fi
   ok=0
   for mirror in "${MIRRORS[@]}"; do
     echo "fetching $name.gz from $mirror"
