@@ -31,6 +31,7 @@ from gan_conf import CONFIGS, DigitClassifier, GANConfig, build_nets
 
 MAX_STRIKE = 5       # a net trains at most this many iterations in a row
 LOG_PERIOD = 100     # iterations between loss lines; batches between trainer summaries
+GIF_FRAMES = 20      # most frames in progress.gif
 MNIST_SCRIPT = "data/get_mnist_data.sh"
 CIFAR_SCRIPT = "data/download_cifar.sh"
 
@@ -205,35 +206,163 @@ def train_step(gen, dis, opt_g, opt_d, x, z, schedule, autocast):
     D(x) is evaluated without a graph because D's update on x comes after its
     update on G(z) and must be recomputed anyway.
     """
+    step = evaluate_losses(gen, dis, x, z, autocast)
+    if not choose(step, schedule):
+        return step  # net stays "": the caller stops the run
+    if step.net == "dis":
+        update_dis(step, dis, opt_d, x, autocast)
+    else:
+        update_gen(step, gen, opt_g)
+    return step
+
+
+def evaluate_losses(gen, dis, x, z, autocast):
+    """The losses at the current parameters; the graph of D(G(z)) is kept for the update."""
     with autocast():
         fake = gen(z)
         fake_logits = dis(fake)
         with torch.no_grad():
             real_logits = dis(x)
-    step = Step(cost(real_logits, REAL), cost(fake_logits, FAKE), cost(fake_logits, REAL),
+    return Step(cost(real_logits, REAL), cost(fake_logits, FAKE), cost(fake_logits, REAL),
                 real_logits, fake_logits)
-    # What the host needs each iteration: the losses behind the choice, in one read.
+
+
+def choose(step, schedule):
+    """Reads the losses to the host (the one read per iteration) and sets step.net by the
+    choice rule; False, and no net, when a loss is not finite."""
     step.values = tuple(torch.stack([step.d_pos_loss, step.d_neg_loss, step.g_loss]).tolist())
     if not math.isfinite(step.d_loss + step.values[2]):
-        return step  # net stays "": the caller stops the run
+        return False
     step.net = choose_net(schedule, step.d_loss > step.values[2])
-    if step.net == "dis":
-        # D: one update on the fake batch (its graph is at hand), then one on the real batch.
-        set_grads(step.d_neg_loss, dis)
-        adam_step(opt_d)
-        with autocast():
-            logits = dis(x)
-        real_cost = cost(logits, REAL)
-        set_grads(real_cost, dis)
-        adam_step(opt_d)
-        step.batches = [(step.d_neg_loss.detach(), fake_logits.detach(), FAKE),
-                        (real_cost.detach(), logits.detach(), REAL)]
-    else:
-        # G: one update through the unchanged D, with label "real".
-        set_grads(step.g_loss, gen)
-        adam_step(opt_g)
-        step.batches = [(step.g_loss.detach(), fake_logits.detach(), REAL)]
-    return step
+    return True
+
+
+def update_dis(step, dis, opt_d, x, autocast):
+    """D: one update on the fake batch (its graph is at hand), then one on the real batch."""
+    set_grads(step.d_neg_loss, dis)
+    adam_step(opt_d)
+    with autocast():
+        logits = dis(x)
+    real_cost = cost(logits, REAL)
+    set_grads(real_cost, dis)
+    adam_step(opt_d)
+    step.batches = [(step.d_neg_loss.detach(), step.fake_logits.detach(), FAKE),
+                    (real_cost.detach(), logits.detach(), REAL)]
+
+
+def update_gen(step, gen, opt_g):
+    """G: one update through the unchanged D, with label "real"."""
+    set_grads(step.g_loss, gen)
+    adam_step(opt_g)
+    step.batches = [(step.g_loss.detach(), step.fake_logits.detach(), REAL)]
+
+
+class GraphedStep:
+    """train_step replayed from CUDA graphs (--cuda_graphs 1, GPU only).
+
+    The nets are small, so an eager iteration keeps the GPU waiting on Python to launch a
+    couple of hundred tiny kernels; a graph launches them all in one call. The graphs are
+    made of train_step's own functions over fixed input buffers: the evaluation alone, and
+    the evaluation followed by each net's update. An iteration replays the evaluation, reads
+    the losses, chooses, and replays the chosen net's graph, which evaluates again (the same
+    kernels on the same inputs: the same values) and updates. Capturing needs a few warm-up
+    updates; parameters and Adam state are put back afterwards, so the run is unchanged.
+
+    capture=False runs the same functions without graphs (how the CPU tests check the logic).
+    """
+
+    def __init__(self, gen, dis, opt_g, opt_d, autocast, capture=True):
+        self.nets, self.opts, self.autocast, self.capture = (gen, dis), (opt_g, opt_d), autocast, capture
+        self.x = self.z = None
+
+    def _build(self, x, z):
+        gen, dis = self.nets
+        opt_g, opt_d = self.opts
+        self.x, self.z = x.clone(), z.clone()  # clone keeps x's memory format
+
+        def evaluate():
+            return evaluate_losses(gen, dis, self.x, self.z, self.autocast)
+
+        def train_dis():
+            step = evaluate()
+            update_dis(step, dis, opt_d, self.x, self.autocast)
+            return step
+
+        def train_gen():
+            step = evaluate()
+            update_gen(step, gen, opt_g)
+            return step
+
+        saved = [t.detach().clone() for t in self._state()]
+        fresh = {id(p) for opt in self.opts for p in opt.param_groups[0]["params"] if not opt.state.get(p)}
+        self.graphs, self.outputs = {}, {}
+        for name, fn in (("eval", evaluate), ("dis", train_dis), ("gen", train_gen)):
+            self.graphs[name], self.outputs[name] = capture_graph(fn, self.capture)
+        # Put back what the warm-up updates changed (Adam state they created starts at zero,
+        # which is what a first opt.step() would create).
+        with torch.no_grad():
+            for t, s in zip(self._state(fresh), saved):
+                t.copy_(s)
+            for opt in self.opts:
+                for p in opt.param_groups[0]["params"]:
+                    if id(p) in fresh:
+                        for t in opt.state[p].values():
+                            t.zero_()
+
+    def _state(self, skip=()):
+        """Every tensor a warm-up update changes: parameters, buffers, Adam state (not of `skip`)."""
+        tensors = [t for net in self.nets for t in net.state_dict().values()]
+        for opt in self.opts:
+            for p in opt.param_groups[0]["params"]:
+                if id(p) not in skip:
+                    tensors += [t for t in opt.state[p].values() if torch.is_tensor(t)]
+        return tensors
+
+    def __call__(self, x, z, schedule):
+        if self.x is None:
+            self._build(x, z)
+        self.x.copy_(x)
+        self.z.copy_(z)
+        out = self._run("eval")
+        step = Step(out.d_pos_loss, out.d_neg_loss, out.g_loss, out.real_logits, out.fake_logits)
+        if not choose(step, schedule):
+            return step
+        out = self._run(step.net)
+        # the graphs' outputs are overwritten by the next replay: the log keeps copies
+        step.batches = [(c.clone(), logits.clone(), label) for c, logits, label in out.batches]
+        return step
+
+    def _run(self, name):
+        if not self.capture:
+            return self.graphs[name]()
+        self.graphs[name].replay()
+        return self.outputs[name]
+
+
+def capture_graph(fn, capture=True, warmup=2):
+    """A CUDA graph of fn() and its (static) output, after warm-up runs on a side stream;
+    capture=False: the warm-up runs only, and (fn, None)."""
+    if not capture:
+        for _ in range(warmup):
+            fn()
+        return fn, None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def make_step(gen, dis, opt_g, opt_d, autocast, cuda_graphs=False, capture=True):
+    """The iteration as a function of (x, z, schedule) -> Step: train_step, or its graphed replay."""
+    if cuda_graphs:
+        return GraphedStep(gen, dis, opt_g, opt_d, autocast, capture)
+    return functools.partial(train_step, gen, dis, opt_g, opt_d, autocast=autocast)
 
 
 def adam_step(opt):
@@ -430,11 +559,16 @@ def plot_losses(metrics, path):
     plt.close(fig)
 
 
-def write_progress_gif(samples_dir, passes, path):
-    """progress.gif: the per-pass pictures (same fixed noise) as an animation."""
+def write_progress_gif(samples_dir, passes, path, gray=False, most=GIF_FRAMES):
+    """progress.gif: the per-pass pictures (same fixed noise) as an animation.
+
+    At most `most` frames, spread evenly over the passes so far (the first and the newest
+    always): rewriting it each pass then stays cheap in a 100-pass run.
+    """
     from PIL import Image
-    frames = [Image.open(samples_dir / f"train_pass{p}.png").convert("RGB")
-              for p in range(passes) if (samples_dir / f"train_pass{p}.png").exists()]
+    shown = range(passes) if passes <= most else sorted({round(i * (passes - 1) / (most - 1)) for i in range(most)})
+    frames = [Image.open(samples_dir / f"train_pass{p}.png").convert("L" if gray else "RGB")
+              for p in shown if (samples_dir / f"train_pass{p}.png").exists()]
     if frames:
         with atomic_path(path) as tmp:
             frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=400, loop=0)
@@ -788,7 +922,8 @@ def make_training(cfg, options, device):
 def make_autocast(device, bf16):
     if not bf16:
         return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    # no weight cache: it would not survive CUDA graph replay, and D's weights are cast twice at most
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
 
 
 def load_resume_checkpoint(args, params_dir, log):
@@ -861,6 +996,9 @@ def train(args):
     set_threads(args.threads, cfg, device)
     data = load_data(cfg, args.data_dir, device, options["seed"])
     gen, dis, opt_g, opt_d, autocast = make_training(cfg, options, device)
+    if args.cuda_graphs and device.type != "cuda":
+        log("--cuda_graphs 1 needs a GPU: running eagerly")
+    train_one = make_step(gen, dis, opt_g, opt_d, autocast, cuda_graphs=args.cuda_graphs and device.type == "cuda")
     memory_format = torch.channels_last if options["channels_last"] and cfg.is_image else torch.contiguous_format
     # Fixed noise for the per-pass pictures, so that passes compare: whole batches,
     # enough for 64 images or 1024 points.
@@ -928,7 +1066,7 @@ def train(args):
                 z = torch.randn(cfg.batch_size, cfg.noise_dim, device=device)
                 if memory_format is torch.channels_last:
                     x = x.contiguous(memory_format=memory_format)
-                step = train_step(gen, dis, opt_g, opt_d, x, z, schedule, autocast)
+                step = train_one(x, z, schedule)
                 if not step.net:
                     log.end_pass()
                     last = list_checkpoints(params_dir)
@@ -976,7 +1114,8 @@ def train(args):
                 metrics_file.flush()
             path = checkpoint(pass_id, cfg.iters_per_pass)
             plot_losses(metrics, samples_dir / "losses.png")
-            write_progress_gif(samples_dir, pass_id + 1, samples_dir / "progress.gif")
+            write_progress_gif(samples_dir, pass_id + 1, samples_dir / "progress.gif",
+                               gray=cfg.is_image and cfg.sample_shape[0] == 1)
             done = cfg.iters_per_pass - first_iter
             log(f"Pass={pass_id} done: {done} iterations in {seconds:.1f} s "
                 f"({100 * seconds / max(done, 1):.2f} s per 100), D trained {steps['dis']} / G {steps['gen']} "
@@ -1125,6 +1264,8 @@ def parse_args(argv=None):
                    help="CPU threads (0: 1 for uniform, torch's default for images)")
     s.add_argument("--channels_last", type=int, choices=[0, 1],
                    help="channels-last memory layout for the image nets (default: 1 on the CPU, 0 on a GPU)")
+    s.add_argument("--cuda_graphs", type=int, default=0, choices=[0, 1],
+                   help="GPU: replay each iteration's kernels from CUDA graphs")
     a = p.add_argument_group("applying a trained generator")
     a.add_argument("--generate", type=positive_int, metavar="N", help="write N samples to FILE.npy and FILE.png, then exit")
     a.add_argument("--evaluate", action="store_true", help="score the trained generator, then exit")

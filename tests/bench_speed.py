@@ -70,20 +70,28 @@ def work(cfg, batch):
     flops = {
         # losses: D(x), G(z), D(G(z)) [shared]; D-update: backward on fake, D(x) again + backward
         "product": (Gf + 2 * Df + D_bp + Df + D_bp, Gf + 2 * Df + D_in + G_bp),
+        "graphed": (2 * (Gf + 2 * Df) + D_bp + Df + D_bp, 2 * (Gf + 2 * Df) + D_in + G_bp),
         # losses: D(x), G(z), D(G(z)), G(z), D(G(z)); then the update recomputes its forwards
         "ref": (3 * Df + 2 * Gf + Gf + Df + D_bp + Df + D_bp, 3 * Df + 2 * Gf + Gf + Df + D_all + G_bp),
     }
     return flops, Gf, Df
 
 
-def matmul_peak(dtype, n=2048, reps=5):
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_peak(dtype, device, reps=5):
+    """GFLOP/s of the best of `reps` square products (2048 on the CPU, 8192 on a GPU; fp32 without TF32)."""
+    n = 8192 if device.type == "cuda" else 2048
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     torch.mm(a, b)
+    sync()
     best = math.inf
     for _ in range(reps):
         t = time.perf_counter()
         torch.mm(a, b)
+        sync()
         best = min(best, time.perf_counter() - t)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     return 2 * n ** 3 / best / 1e9
 
 
@@ -97,11 +105,20 @@ VARIANTS = {
     "bf16": ("product", {"bf16": True}),
     "bf16+cl": ("product", {"bf16": True, "channels_last": True}),
     "compile": ("product", {"compile": True}),
+    # the graphed step evaluates the losses twice (once to choose, once inside the update's graph)
+    "graphs": ("graphed", {"cuda_graphs": True}),
+    "cl+graphs": ("graphed", {"channels_last": True, "cuda_graphs": True}),
+    "bf16+graphs": ("graphed", {"bf16": True, "cuda_graphs": True}),
 }
 DEFAULT_VARIANTS = {
     "uniform": "ref,fp32",
     "mnist": "ref,fp32,cl,bf16,bf16+cl",
     "cifar": "ref,fp32,cl,bf16,bf16+cl",
+}
+GPU_VARIANTS = {
+    "uniform": "ref,fp32,graphs",
+    "mnist": "ref,fp32,cl,bf16,graphs,cl+graphs,bf16+graphs",
+    "cifar": "ref,fp32,cl,bf16,graphs,cl+graphs,bf16+graphs",
 }
 
 
@@ -113,15 +130,15 @@ class Runner:
         self.impl, options = VARIANTS[name]
         self.cfg, self.data, self.device = cfg, data, device
         torch.manual_seed(seed)
-        if self.impl == "product":
+        if self.impl != "ref":
             self.gen, self.dis, self.opt_g, self.opt_d, self.autocast = T.make_training(cfg, options, device)
         else:
             self.gen, self.dis = (net.to(device) for net in build_nets(cfg))
             self.opt_g, self.opt_d = make_optimizers(cfg, self.gen, self.dis)
         self.fmt = torch.channels_last if options.get("channels_last") and cfg.is_image else torch.contiguous_format
-        self.net_g, self.net_d = self.gen, self.dis
-        if options.get("compile"):
-            self.net_g, self.net_d = torch.compile(self.gen), torch.compile(self.dis)
+        if self.impl != "ref":
+            nets = (torch.compile(self.gen), torch.compile(self.dis)) if options.get("compile") else (self.gen, self.dis)
+            self.step = T.make_step(*nets, self.opt_g, self.opt_d, self.autocast, options.get("cuda_graphs", False))
         self.schedule, self.i = T.Schedule(), 0
         self.steps = {"dis": 0, "gen": 0}
         self.logs = {"dis": T.TrainerLog("discriminator", cfg.batch_size),
@@ -134,8 +151,8 @@ class Runner:
         z = torch.randn(cfg.batch_size, cfg.noise_dim, device=self.device)
         if self.fmt is torch.channels_last:
             x = x.contiguous(memory_format=self.fmt)
-        if self.impl == "product":
-            step = T.train_step(self.net_g, self.net_d, self.opt_g, self.opt_d, x, z, self.schedule, self.autocast)
+        if self.impl != "ref":
+            step = self.step(x, z, self.schedule)
             net, batches = step.net, step.batches
             if i % T.LOG_PERIOD == 0:
                 T.loss_lines(step)
@@ -156,6 +173,8 @@ class Runner:
         t = time.perf_counter()
         for _ in range(iters):
             self.iteration()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - t
 
     @property
@@ -173,7 +192,7 @@ def bench(source, args, device):
         g = torch.Generator().manual_seed(0)
         n = 60000 if source == "mnist" else 50000
         data = torch.randint(0, 256, (n, *cfg.sample_shape), generator=g, dtype=torch.uint8).to(device)
-    names = (args.variants or DEFAULT_VARIANTS[source]).split(",")
+    names = (args.variants or (GPU_VARIANTS if device.type == "cuda" else DEFAULT_VARIANTS)[source]).split(",")
     runners = []
     for name in names:
         r = Runner(name, cfg, data, device)
@@ -224,13 +243,14 @@ def main(argv=None):
         a.warmup = args.warmup if args.warmup is not None else (20 if source == "uniform" else 3)
         if device.type == "cpu":
             T.set_threads(args.threads, CONFIGS[source], device)
-        if device.type == "cpu" and not args.no_peak:
-            print(f"matmul peak (torch.mm 2048^2, {torch.get_num_threads()} threads): "
-                  f"fp32 {matmul_peak(torch.float32):.0f} GFLOP/s, bf16 {matmul_peak(torch.bfloat16):.0f} GFLOP/s")
+        if not args.no_peak:
+            where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+            print(f"matmul peak (torch.mm, {where}): fp32 {matmul_peak(torch.float32, device):.0f} GFLOP/s, "
+                  f"bf16 {matmul_peak(torch.bfloat16, device):.0f} GFLOP/s")
         bench(source, a, device)
-        if device.type == "cpu" and not args.no_peak:
-            print(f"matmul peak again: fp32 {matmul_peak(torch.float32):.0f} GFLOP/s, "
-                  f"bf16 {matmul_peak(torch.bfloat16):.0f} GFLOP/s")
+        if not args.no_peak:
+            print(f"matmul peak again: fp32 {matmul_peak(torch.float32, device):.0f} GFLOP/s, "
+                  f"bf16 {matmul_peak(torch.bfloat16, device):.0f} GFLOP/s")
 
 
 if __name__ == "__main__":

@@ -184,3 +184,59 @@ def test_adam_step_equals_fused_adam_step_bit_for_bit():
         assert torch.equal(a, b)
     for sa, sb in zip(opts[0].state.values(), opts[1].state.values()):
         assert all(torch.equal(sa[k], sb[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+
+
+@pytest.mark.parametrize("source", ["uniform", "mnist"])
+def test_graphed_step_logic_matches_train_step(source):
+    """GraphedStep (--cuda_graphs) without the capture, as the CPU can run it: warm-up updates,
+    then parameters and Adam state put back, evaluation replayed before each update. Losses,
+    choices, logged batches, parameters and optimizer state equal train_step's bit for bit."""
+    cfg = dataclasses.replace(CONFIGS[source], batch_size=BATCH)
+    torch.manual_seed(0)
+    gen, dis = build_nets(cfg)
+    nets = {"eager": (gen, dis), "graphed": copy.deepcopy((gen, dis))}
+    opts = {k: tuple(torch.optim.Adam(n.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999), fused=True) for n in v)
+            for k, v in nets.items()}
+    autocast = gan_trainer.make_autocast(torch.device("cpu"), False)
+    steps = {k: gan_trainer.make_step(*nets[k], *opts[k], autocast, cuda_graphs=k == "graphed", capture=False)
+             for k in nets}
+    assert isinstance(steps["graphed"], gan_trainer.GraphedStep)
+    schedule, chosen = gan_trainer.Schedule(), []
+    for x, z in batches(cfg, ITERS, 1):
+        eager, graphed = (steps[k](x, z, schedule) for k in ("eager", "graphed"))
+        assert graphed.values == eager.values and graphed.net == eager.net
+        assert [(c.item(), label) for c, _, label in graphed.batches] == \
+               [(c.item(), label) for c, _, label in eager.batches]
+        assert all(torch.equal(a[1], b[1]) for a, b in zip(graphed.batches, eager.batches))
+        schedule = gan_trainer.advance(schedule, eager.net)
+        chosen.append(eager.net)
+    assert set(chosen) == {"dis", "gen"}, f"only {chosen}: not a full test"
+    for a, b in zip(nets["eager"], nets["graphed"]):
+        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+            assert torch.equal(p, q), name
+    for a, b in zip(opts["eager"], opts["graphed"]):
+        sa, sb = a.state_dict()["state"], b.state_dict()["state"]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert all(torch.equal(sa[k][n], sb[k][n]) for n in ("step", "exp_avg", "exp_avg_sq")), k
+
+
+def test_graphed_step_puts_back_a_resumed_state():
+    """Warm-up updates before capturing must not change a run resumed with Adam state."""
+    cfg = dataclasses.replace(CONFIGS["uniform"], batch_size=BATCH)
+    torch.manual_seed(0)
+    gen, dis = build_nets(cfg)
+    opt_g, opt_d = (torch.optim.Adam(n.parameters(), lr=cfg.lr, fused=True) for n in (gen, dis))
+    autocast = gan_trainer.make_autocast(torch.device("cpu"), False)
+    (x, z), (x2, z2) = batches(cfg, 2, 3)
+    gan_trainer.train_step(gen, dis, opt_g, opt_d, x, z, gan_trainer.Schedule("gen", 5), autocast)  # D trains
+    gan_trainer.train_step(gen, dis, opt_g, opt_d, x, z, gan_trainer.Schedule("dis", 5), autocast)  # G trains
+    before = copy.deepcopy((gen.state_dict(), dis.state_dict(), opt_g.state_dict(), opt_d.state_dict()))
+    graphed = gan_trainer.GraphedStep(gen, dis, opt_g, opt_d, autocast, capture=False)
+    graphed._build(x2, z2)
+    after = (gen.state_dict(), dis.state_dict(), opt_g.state_dict(), opt_d.state_dict())
+    for a, b in zip(before[:2], after[:2]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    for a, b in zip(before[2:], after[2:]):
+        for k in a["state"]:
+            assert all(torch.equal(a["state"][k][n], b["state"][k][n]) for n in ("step", "exp_avg", "exp_avg_sq"))

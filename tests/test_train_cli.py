@@ -176,3 +176,18 @@ def test_keep_newest_checkpoints(tmp_path, capsys):
     assert sorted(p.name for p in params.glob("*.pt")) == ["pass_2.pt", "pass_3.pt"]
     assert load_ckpt(params / "pass_3.pt")["pass"] == 3
     assert len(list((tmp_path / "uniform_samples").glob("train_pass*.png"))) == 4
+
+
+def test_progress_gif_spreads_at_most_20_frames_over_many_passes(tmp_path):
+    """A long run's progress.gif keeps 20 frames, the first and newest passes among them."""
+    from PIL import Image
+    for p in range(50):
+        Image.new("RGB", (8, 8), (p * 5, 0, 0)).save(tmp_path / f"train_pass{p}.png")
+    gan_trainer.write_progress_gif(tmp_path, 50, tmp_path / "progress.gif")
+    with Image.open(tmp_path / "progress.gif") as gif:
+        assert gif.n_frames == 20
+        reds = []
+        for i in range(gif.n_frames):
+            gif.seek(i)
+            reds.append(gif.convert("RGB").getpixel((0, 0))[0])
+    assert reds[0] == 0 and reds[-1] == 49 * 5 and reds == sorted(reds)
