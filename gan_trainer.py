@@ -213,7 +213,7 @@ def train_step(gen, dis, opt_g, opt_d, x, z, schedule, autocast):
     if step.net == "dis":
         update_dis(step, dis, opt_d, x, autocast)
     else:
-        update_gen(step, gen, opt_g)
+        update_gen(step, opt_g)
     return step
 
 
@@ -241,20 +241,20 @@ def choose(step, schedule):
 
 def update_dis(step, dis, opt_d, x, autocast):
     """D: one update on the fake batch (its graph is at hand), then one on the real batch."""
-    set_grads(step.d_neg_loss, dis)
+    set_grads(step.d_neg_loss, opt_d)
     adam_step(opt_d)
     with autocast():
         logits = dis(x)
     real_cost = cost(logits, REAL)
-    set_grads(real_cost, dis)
+    set_grads(real_cost, opt_d)
     adam_step(opt_d)
     step.batches = [(step.d_neg_loss.detach(), step.fake_logits.detach(), FAKE),
                     (real_cost.detach(), logits.detach(), REAL)]
 
 
-def update_gen(step, gen, opt_g):
+def update_gen(step, opt_g):
     """G: one update through the unchanged D, with label "real"."""
-    set_grads(step.g_loss, gen)
+    set_grads(step.g_loss, opt_g)
     adam_step(opt_g)
     step.batches = [(step.g_loss.detach(), step.fake_logits.detach(), REAL)]
 
@@ -292,7 +292,7 @@ class GraphedStep:
 
         def train_gen():
             step = evaluate(real=False)
-            update_gen(step, gen, opt_g)
+            update_gen(step, opt_g)
             return step
 
         saved = [t.detach().clone() for t in self._state()]
@@ -391,10 +391,10 @@ def adam_step(opt):
                        eps=group["eps"], maximize=group["maximize"], grad_scale=None, found_inf=None)
 
 
-def set_grads(loss, net):
-    """The gradients of loss with respect to net's parameters, as their .grad (replaced, so
-    no zero_grad is needed, and nothing is computed for the other net)."""
-    params = list(net.parameters())
+def set_grads(loss, opt):
+    """The gradients of loss with respect to the parameters opt updates, as their .grad
+    (replaced, so no zero_grad is needed, and nothing is computed for the other net)."""
+    params = opt.param_groups[0]["params"]
     for p, g in zip(params, torch.autograd.grad(loss, params)):
         p.grad = g
 

@@ -191,3 +191,11 @@ def test_progress_gif_spreads_at_most_20_frames_over_many_passes(tmp_path):
             gif.seek(i)
             reds.append(gif.convert("RGB").getpixel((0, 0))[0])
     assert reds[0] == 0 and reds[-1] == 49 * 5 and reds == sorted(reds)
+
+
+def test_cuda_graphs_on_the_cpu_is_noted_and_training_runs_eagerly(tmp_path, capsys):
+    code, out, err = run_main(["-d", "uniform", "--use_gpu", "0", "--cuda_graphs", "1", "--passes", "1",
+                               "--iters", "3", "--seed", "1", "--out_dir", tmp_path, "--quiet"], capsys)
+    assert code in (0, None), err
+    assert "--cuda_graphs 1 needs a GPU: running eagerly" in out
+    assert (tmp_path / "uniform_params" / "pass_0.pt").exists()
