@@ -232,7 +232,8 @@ def evaluate_losses(gen, dis, x, z, autocast, real=True):
 def choose(step, schedule):
     """Reads the losses to the host (the one read per iteration) and sets step.net by the
     choice rule; False, and no net, when a loss is not finite."""
-    step.values = tuple(torch.stack([step.d_pos_loss, step.d_neg_loss, step.g_loss]).tolist())
+    with torch.no_grad():
+        step.values = tuple(torch.stack([step.d_pos_loss, step.d_neg_loss, step.g_loss]).tolist())
     if not math.isfinite(step.d_loss + step.values[2]):
         return False
     step.net = choose_net(schedule, step.d_loss > step.values[2])
@@ -270,7 +271,9 @@ class GraphedStep:
     same kernels on the same inputs: the same values) and updates. Capturing needs a few warm-up
     updates; parameters and Adam state are put back afterwards, so the run is unchanged.
 
-    capture=False runs the same functions without graphs (how the CPU tests check the logic).
+    The returned Step's losses and logits are the graphs' output buffers: valid until the next
+    call (its logged batches are copies). capture=False runs the same functions without graphs
+    (how the CPU tests check the logic).
     """
 
     def __init__(self, gen, dis, opt_g, opt_d, autocast, capture=True):
@@ -295,13 +298,24 @@ class GraphedStep:
             update_gen(step, opt_g)
             return step
 
+        # the graphs read these cached tensors: hold them, whatever the cache drops
+        self.labels = [labels(len(x), label, x.device) for label in (REAL, FAKE)]
         saved = [t.detach().clone() for t in self._state()]
         fresh = {id(p) for opt in self.opts for p in opt.param_groups[0]["params"] if not opt.state.get(p)}
         self.graphs, self.outputs = {}, {}
-        for name, fn in (("eval", evaluate), ("dis", train_dis), ("gen", train_gen)):
-            self.graphs[name], self.outputs[name] = capture_graph(fn, self.capture)
-        # Put back what the warm-up updates changed (Adam state they created starts at zero,
-        # which is what a first opt.step() would create).
+        try:
+            for name, fn in (("eval", evaluate), ("dis", train_dis), ("gen", train_gen)):
+                self.graphs[name], self.outputs[name] = capture_graph(fn, self.capture)
+        except Exception as e:
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            raise UserError(f"capturing CUDA graphs failed ({type(e).__name__}: {first_line}); "
+                            "run with --cuda_graphs 0")
+        finally:
+            self._put_back(saved, fresh)
+
+    def _put_back(self, saved, fresh):
+        """Undo the warm-up updates: the saved tensors back in place (the graphs hold their
+        addresses); Adam state they created starts at zero, as a first opt.step() creates it."""
         with torch.no_grad():
             for t, s in zip(self._state(fresh), saved):
                 t.copy_(s)
@@ -1054,6 +1068,13 @@ def train(args):
 
     log(f"training {cfg.data_source} on {device}: {cfg.passes} passes of {cfg.iters_per_pass} iterations, "
         f"batch {cfg.batch_size}, lr {cfg.lr:g}, seed {options['seed']}")
+    def draw_plots(passes_done):
+        nonlocal plotted
+        plot_losses(metrics, samples_dir / "losses.png")
+        write_progress_gif(samples_dir, passes_done, samples_dir / "progress.gif",
+                           gray=cfg.is_image and cfg.sample_shape[0] == 1)
+        plotted = time.time()
+
     t0 = plotted = time.time()
     with StopRequest() as stop, open(metrics_path, "a") as metrics_file:
         for pass_id in range(start_pass, cfg.passes):
@@ -1065,6 +1086,7 @@ def train(args):
             for i in range(start_iter, cfg.iters_per_pass):
                 if stop.signal is not None:
                     log.end_pass()
+                    draw_plots(pass_id)
                     path = checkpoint(pass_id, i)
                     raise SystemExit(_interrupted(f"{signal.Signals(stop.signal).name}: stopped at pass {pass_id} "
                                                   f"iteration {i}; checkpoint {path}; continue with --resume"))
@@ -1075,6 +1097,7 @@ def train(args):
                 step = train_one(x, z, schedule)
                 if not step.net:
                     log.end_pass()
+                    draw_plots(pass_id)
                     last = list_checkpoints(params_dir)
                     kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
                     raise UserError(f"non-finite loss at pass {pass_id} iteration {i} "
@@ -1122,10 +1145,7 @@ def train(args):
             # The plots are redrawn after a pass, but not more often than every PLOT_PERIOD seconds
             # (fast GPU passes would spend a sixth of their time on them), and at the end.
             if time.time() - plotted >= PLOT_PERIOD or pass_id + 1 == cfg.passes or stop.signal is not None:
-                plot_losses(metrics, samples_dir / "losses.png")
-                write_progress_gif(samples_dir, pass_id + 1, samples_dir / "progress.gif",
-                                   gray=cfg.is_image and cfg.sample_shape[0] == 1)
-                plotted = time.time()
+                draw_plots(pass_id + 1)
             done = cfg.iters_per_pass - first_iter
             log(f"Pass={pass_id} done: {done} iterations in {seconds:.1f} s "
                 f"({100 * seconds / max(done, 1):.2f} s per 100), D trained {steps['dis']} / G {steps['gen']} "

@@ -21,6 +21,11 @@ machine() {
   $py -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())"
 }
 
+gputests() {
+  section "tests that need a GPU (and the equivalence tests beside them)"
+  timeout 120 $py -m pytest -q tests/test_step_equivalence.py
+}
+
 smoke() {
   section "CUDA code path: train eagerly, resume with graphs, generate"
   local S=/tmp/smoke
@@ -71,5 +76,5 @@ fid() {
   timeout 60 $py gan_trainer.py -d mnist --evaluate --out_dir /tmp/full --samples 10000
 }
 
-for s in ${@:-machine smoke equivalence bench full fid}; do $s; done
+for s in ${@:-machine gputests smoke equivalence bench full fid}; do $s; done
 section end

@@ -240,3 +240,29 @@ def test_graphed_step_puts_back_a_resumed_state():
     for a, b in zip(before[2:], after[2:]):
         for k in a["state"]:
             assert all(torch.equal(a["state"][k][n], b["state"][k][n]) for n in ("step", "exp_avg", "exp_avg_sq"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CUDA graphs)")
+def test_captured_graphs_follow_train_step_on_the_gpu():
+    """With real CUDA graphs: the same choices and, to float tolerance, the same losses as
+    train_step for a few iterations (mnist shapes); a Step's logged batches are copies that
+    later replays leave alone. (Runs only where CUDA is present, e.g. tests/gpu_session.sh.)"""
+    dev = torch.device("cuda")
+    cfg = dataclasses.replace(CONFIGS["mnist"], batch_size=BATCH)
+    torch.manual_seed(0)
+    nets = {"eager": tuple(net.to(dev) for net in build_nets(cfg))}
+    nets["graphed"] = copy.deepcopy(nets["eager"])
+    opts = {k: tuple(torch.optim.Adam(n.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999), fused=True) for n in v)
+            for k, v in nets.items()}
+    autocast = gan_trainer.make_autocast(dev, False)
+    steps = {k: gan_trainer.make_step(*nets[k], *opts[k], autocast, cuda_graphs=k == "graphed") for k in nets}
+    schedule, kept = gan_trainer.Schedule(), []
+    for x, z in batches(cfg, 6, 1):
+        x, z = x.to(dev), z.to(dev)
+        eager, graphed = steps["eager"](x, z, schedule), steps["graphed"](x, z, schedule)
+        assert graphed.net == eager.net
+        assert graphed.values == pytest.approx(eager.values, rel=1e-3, abs=1e-5)
+        kept.append(([c.clone() for c, _, _ in graphed.batches], graphed.batches))
+        schedule = gan_trainer.advance(schedule, eager.net)
+    for copies, logged in kept:
+        assert all(torch.equal(c, b[0]) for c, b in zip(copies, logged))
