@@ -1262,7 +1262,7 @@ def int_in_range(text, low, high=None):
     return value
 
 
-def parse_args(argv=None):
+def build_parser():
     p = OneLineParser(prog="gan_trainer.py", description="Train the PaddlePaddle tutorial GAN in PyTorch.",
                       formatter_class=HelpFormatter)
     p.add_argument("-d", "--data_source", required=True, choices=sorted(CONFIGS), help="what to learn")
@@ -1302,7 +1302,11 @@ def parse_args(argv=None):
     a.add_argument("--samples", type=functools.partial(int_in_range, low=2), default=10000, metavar="N", help="samples for --evaluate / --eval_every")
     a.add_argument("--params", metavar="PATH", help="checkpoint to use (default: the newest in <d>_params)")
     a.add_argument("--output", metavar="FILE", help="output name for --generate (default: <d>_samples/generated)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None):

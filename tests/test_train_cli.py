@@ -199,3 +199,15 @@ def test_cuda_graphs_on_the_cpu_is_noted_and_training_runs_eagerly(tmp_path, cap
     assert code in (0, None), err
     assert "--cuda_graphs 1 needs a GPU: running eagerly" in out
     assert (tmp_path / "uniform_params" / "pass_0.pt").exists()
+
+
+def test_every_flag_is_in_the_readme_flags_table():
+    """The README's Flags table is the user's reference: no flag of --help is missing from it."""
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme[readme.index("## Flags"):readme.index("## Measured quality")]
+    parser = gan_trainer.build_parser()
+    flags = [s for a in parser._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
+    assert len(flags) > 20
+    missing = [f for f in flags if not re.search(rf"`(-\w, )?{f}[` ]", table)]
+    assert not missing, f"flags missing from README's Flags table: {missing}"
