@@ -860,6 +860,7 @@ def choose_device(use_gpu, gpu_id, log):
         return torch.device("cpu")
     if gpu_id >= torch.cuda.device_count():
         raise UserError(f"--gpu_id {gpu_id}: no such GPU (this machine has {torch.cuda.device_count()})")
+    torch.cuda.set_device(gpu_id)  # streams and graphs are made on the current device
     return torch.device(f"cuda:{gpu_id}")
 
 
