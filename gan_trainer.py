@@ -984,6 +984,31 @@ def fresh_config(args, params_dir, device):
     return make_config(args), {"seed": seed, "bf16": bool(args.bf16), "channels_last": bool(channels_last)}
 
 
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged iteration or evaluation, on disk as soon as written.
+
+    Opening it rewrites the file with `kept` (a resumed run drops what the stopped run logged
+    after its checkpoint); `lines` is everything so far, for the plots.
+    """
+
+    def __init__(self, path, kept=()):
+        self.path, self.lines, self.file = path, list(kept), None
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(json.dumps(m) + "\n" for m in self.lines))
+
+    def __enter__(self):
+        self.file = open(self.path, "a")
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def add(self, m):
+        self.lines.append(m)
+        self.file.write(json.dumps(m) + "\n")
+        self.file.flush()
+
+
 def metrics_until(path, ckpt):
     """The metrics.jsonl lines up to a checkpoint: what the stopped run logged after it is dropped."""
     kept = []
@@ -1029,7 +1054,7 @@ def train(args):
     schedule, start_pass, start_iter, steps, elapsed0 = Schedule(), 0, 0, {"dis": 0, "gen": 0}, 0.0
 
     metrics_path = params_dir / "metrics.jsonl"
-    metrics = []
+    kept = []
     if ckpt is not None:
         load_weights(gen, ckpt["generator"], "generator", ckpt["path"])
         load_weights(dis, ckpt["discriminator"], "discriminator", ckpt["path"])
@@ -1044,10 +1069,9 @@ def train(args):
         if start_iter >= cfg.iters_per_pass:
             start_pass, start_iter = start_pass + 1, 0
         set_rng_state(ckpt["rng"])
-        metrics = metrics_until(metrics_path, ckpt)
+        kept = metrics_until(metrics_path, ckpt)
         log(f"resuming {ckpt['path']} at pass {start_pass} iteration {start_iter} of {cfg.passes} passes")
-    with atomic_path(metrics_path) as tmp:
-        tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    metrics = MetricsLog(metrics_path, kept)
     if start_pass >= cfg.passes:
         log(f"nothing to do: the run already has {cfg.passes} passes (raise --passes to go on)")
         return
@@ -1069,15 +1093,16 @@ def train(args):
 
     log(f"training {cfg.data_source} on {device}: {cfg.passes} passes of {cfg.iters_per_pass} iterations, "
         f"batch {cfg.batch_size}, lr {cfg.lr:g}, seed {options['seed']}")
+
     def draw_plots(passes_done):
         nonlocal plotted
-        plot_losses(metrics, samples_dir / "losses.png")
+        plot_losses(metrics.lines, samples_dir / "losses.png")
         write_progress_gif(samples_dir, passes_done, samples_dir / "progress.gif",
                            gray=cfg.is_image and cfg.sample_shape[0] == 1)
         plotted = time.time()
 
     t0 = plotted = time.time()
-    with StopRequest() as stop, open(metrics_path, "a") as metrics_file:
+    with StopRequest() as stop, metrics:
         for pass_id in range(start_pass, cfg.passes):
             if start_iter == 0:
                 for trainer_log in logs.values():
@@ -1113,9 +1138,7 @@ def train(args):
                     lines = loss_lines(step)
                     log(*lines)
                     m = log_metrics(step, pass_id, i, cfg, schedule, steps, elapsed0 + time.time() - t0)
-                    metrics.append(m)
-                    metrics_file.write(json.dumps(m) + "\n")
-                    metrics_file.flush()
+                    metrics.add(m)
                     log.update(1, d_loss=f"{m['d_loss']:.3f}", g_loss=f"{m['g_loss']:.3f}")
                 else:
                     log.update(1)
@@ -1139,9 +1162,7 @@ def train(args):
                 log(f"Pass={pass_id} eval: {format_scores(scores)}")
                 m = {"pass": pass_id, "iteration": cfg.iters_per_pass, "step": (pass_id + 1) * cfg.iters_per_pass,
                      "seconds": round(elapsed0 + time.time() - t0, 3), "eval": scores}
-                metrics.append(m)
-                metrics_file.write(json.dumps(m) + "\n")
-                metrics_file.flush()
+                metrics.add(m)
             path = checkpoint(pass_id, cfg.iters_per_pass)
             # The plots are redrawn after a pass, but not more often than every PLOT_PERIOD seconds
             # (fast GPU passes would spend a sixth of their time on them), and at the end.
