@@ -6,8 +6,9 @@ Run by hand (not collected by pytest):
     python tests/bench_speed.py --data_source mnist --iters 10 --variants ref,fp32,cl,bf16,bf16+cl,compile
 
 Every variant trains its own copy of the same nets (same seed) on the loop's real
-work per iteration: real_batch (index draw + scaling), noise, the step, the
-schedule and TrainerLog accumulation, and the loss lines every 100 iterations.
+work per iteration: the batch (the trainer's block draws, or a draw per batch for the
+plain port) and its scaling, noise, the step, the schedule and TrainerLog
+accumulation, and the loss lines every 100 iterations.
 Variants run interleaved, in rounds, and the median round counts: the machine may
 be shared.  Work is counted analytically (2 x multiply-adds of every linear /
 conv / transposed conv, forward and backward as each implementation does it),
@@ -31,7 +32,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 import gan_trainer as T  # noqa: E402
 from gan_conf import CONFIGS, build_nets  # noqa: E402
-from reference_step import make_optimizers, reference_step  # noqa: E402
+from reference_step import make_optimizers, reference_batch, reference_step  # noqa: E402
 
 
 # ---------------------------------------------------------------- analytic work
@@ -144,10 +145,12 @@ class Runner:
         self.logs = {"dis": T.TrainerLog("discriminator", cfg.batch_size),
                      "gen": T.TrainerLog("generator", cfg.batch_size)}
         self.times, self.compile_s = [], 0.0
+        self.batches = T.real_batches(data, cfg.batch_size, seed, pass_id=0)  # as the trainer draws them
+
 
     def iteration(self):
         cfg, i = self.cfg, self.i
-        x = T.real_batch(self.data, cfg.batch_size)
+        x = next(self.batches) if self.impl != "ref" else reference_batch(self.data, cfg.batch_size)
         z = torch.randn(cfg.batch_size, cfg.noise_dim, device=self.device)
         if self.fmt is torch.channels_last:
             x = x.contiguous(memory_format=self.fmt)

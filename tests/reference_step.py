@@ -18,6 +18,16 @@ import gan_trainer
 from gan_trainer import FAKE, REAL, choose_net, cost
 
 
+def reference_batch(data, batch_size):
+    """A batch drawn in the iteration, as a plain port draws it: batch_size distinct rows
+    (by rejection; the original's numpy.random.choice permuted all n rows), scaled to [-1, 1]."""
+    n = len(data)
+    while True:
+        idx = torch.randint(n, (batch_size,), device=data.device)
+        if torch.unique(idx).numel() == batch_size:
+            return gan_trainer.to_unit_range(data[idx])
+
+
 def reference_losses(gen, dis, x, z):
     """(d_pos_loss, d_neg_loss, g_loss), three independent evaluations, no graph."""
     with torch.no_grad():

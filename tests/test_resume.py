@@ -165,14 +165,14 @@ def test_sigint_writes_a_checkpoint_and_resume_continues_exactly(tmp_path, capsy
 # ------------------------------------------------------------------ non-finite loss
 
 def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
-    real_batch, calls = gan_trainer.real_batch, []
+    real_batches, calls = gan_trainer.real_batches, []
 
-    def poisoned(data, batch_size):
-        calls.append(1)
-        x = real_batch(data, batch_size)
-        return x if len(calls) <= 7 else torch.full_like(x, float("nan"))  # pass 1, iteration 2 on
+    def poisoned(*args):
+        for x in real_batches(*args):
+            calls.append(1)
+            yield x if len(calls) <= 7 else torch.full_like(x, float("nan"))  # pass 1, iteration 2 on
 
-    monkeypatch.setattr(gan_trainer, "real_batch", poisoned)
+    monkeypatch.setattr(gan_trainer, "real_batches", poisoned)
     code, out, err = run_main(["-d", "uniform", "--passes", 3, "--iters", 5, "--batch_size", 16, "--seed", 0,
                                "--use_gpu", 0, "--quiet", "--out_dir", tmp_path], capsys)
     assert code == 1

@@ -158,12 +158,38 @@ def test_read_idx_values_and_shape(tmp_path):
     assert np.array_equal(gan_trainer.read_idx(tmp_path / "l", 2049, ()), labels)
 
 
-def test_real_batch_scales_images_to_unit_range():
+def test_real_batches_scale_images_to_unit_range():
     data = torch.tensor([[0], [255], [51]], dtype=torch.uint8).repeat(1, 4)
-    batch = gan_trainer.real_batch(data, 3)
+    batch = next(gan_trainer.real_batches(data, 3, seed=0, pass_id=0))
     assert sorted(batch[:, 0].tolist()) == pytest.approx([-1.0, -0.6, 1.0])  # x / 255 * 2 - 1
-    idx = gan_trainer.draw_indices(1000, 16, torch.device("cpu"))
-    assert len(set(idx.tolist())) == 16 and 0 <= idx.min() and idx.max() < 1000  # no repeats in a batch
+
+
+@pytest.mark.parametrize("n", [1000, 40])  # rejection of rows with repeats; a permutation per row
+def test_block_indices_are_distinct_uniform_rows(n):
+    idx = gan_trainer.block_indices(n, 16, torch.Generator().manual_seed(0), rows=2000)
+    assert idx.shape == (2000, 16) and idx.dtype == torch.int64
+    assert 0 <= idx.min() and idx.max() < n
+    assert all(len(set(row)) == 16 for row in idx.tolist())  # no repeats in a batch
+    # every index as likely: the chi-square statistic of the counts is what chance gives
+    # (1 - 16 / n per degree of freedom, drawing without replacement), within 5 sigma
+    counts = torch.bincount(idx.flatten(), minlength=n).double()
+    expected = idx.numel() / n
+    chi2 = (((counts - expected) ** 2) / expected).sum().item() / (n - 1)
+    assert abs(chi2 - (1 - 16 / n)) < 5 * (2 / (n - 1)) ** 0.5
+    # each position is uniform too: rows are not handed out in sorted order
+    assert abs(idx[:, 0].float().mean().item() - (n - 1) / 2) < 0.05 * n
+
+
+def test_real_batches_are_the_same_wherever_a_pass_resumes():
+    """A pass resumed at iteration k (the same seed) sees the batches an unbroken pass saw from k on."""
+    data = torch.arange(500).float()[:, None]
+    whole = [b for b, _ in zip(gan_trainer.real_batches(data, 8, seed=3, pass_id=2), range(1003))]
+    for k in (1, 999, 1000, 1001):  # inside the first block, at and after the block boundary
+        resumed = [b for b, _ in zip(gan_trainer.real_batches(data, 8, seed=3, pass_id=2, start=k), range(2))]
+        assert all(torch.equal(a, b) for a, b in zip(resumed, whole[k:k + 2]))
+    other_pass = next(gan_trainer.real_batches(data, 8, seed=3, pass_id=3))
+    other_seed = next(gan_trainer.real_batches(data, 8, seed=4, pass_id=2))
+    assert not torch.equal(other_pass, whole[0]) and not torch.equal(other_seed, whole[0])
 
 
 # ------------------------------------------------------------------ checkpoints kept
