@@ -244,25 +244,35 @@ def test_graphed_step_puts_back_a_resumed_state():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CUDA graphs)")
 def test_captured_graphs_follow_train_step_on_the_gpu():
-    """With real CUDA graphs: the same choices and, to float tolerance, the same losses as
-    train_step for a few iterations (mnist shapes); a Step's logged batches are copies that
-    later replays leave alone. (Runs only where CUDA is present, e.g. tests/gpu_session.sh.)"""
+    """With real CUDA graphs: the same choices and the same losses as train_step for a few
+    iterations (mnist shapes), as close as a second eager copy gets to the first (GPU kernels
+    may sum in varying order; Adam's first steps amplify that; cuDNN is made deterministic
+    here to keep it small); a Step's logged batches are copies that later replays leave alone.
+    (Runs only where CUDA is present, e.g. tests/gpu_session.sh.)"""
     dev = torch.device("cuda")
     cfg = dataclasses.replace(CONFIGS["mnist"], batch_size=BATCH)
     torch.manual_seed(0)
     nets = {"eager": tuple(net.to(dev) for net in build_nets(cfg))}
-    nets["graphed"] = copy.deepcopy(nets["eager"])
+    nets["eager2"], nets["graphed"] = copy.deepcopy(nets["eager"]), copy.deepcopy(nets["eager"])
     opts = {k: tuple(torch.optim.Adam(n.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999), fused=True) for n in v)
             for k, v in nets.items()}
     autocast = gan_trainer.make_autocast(dev, False)
     steps = {k: gan_trainer.make_step(*nets[k], *opts[k], autocast, cuda_graphs=k == "graphed") for k in nets}
-    schedule, kept = gan_trainer.Schedule(), []
-    for x, z in batches(cfg, 6, 1):
-        x, z = x.to(dev), z.to(dev)
-        eager, graphed = steps["eager"](x, z, schedule), steps["graphed"](x, z, schedule)
-        assert graphed.net == eager.net
-        assert graphed.values == pytest.approx(eager.values, rel=1e-3, abs=1e-5)
-        kept.append(([c.clone() for c, _, _ in graphed.batches], graphed.batches))
-        schedule = gan_trainer.advance(schedule, eager.net)
+    schedule, kept, gaps = gan_trainer.Schedule(), [], []
+    deterministic = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        for i, (x, z) in enumerate(batches(cfg, 6, 1)):
+            x, z = x.to(dev), z.to(dev)
+            out = {k: steps[k](x, z, schedule) for k in ("eager", "eager2", "graphed")}
+            gap = {k: max(abs(a - b) for a, b in zip(out[k].values, out["eager"].values)) for k in ("eager2", "graphed")}
+            gaps.append((i, out["eager"].net, out["graphed"].net, gap["eager2"], gap["graphed"]))
+            assert out["graphed"].net == out["eager"].net, gaps
+            assert gap["graphed"] <= 1e-5 + 10 * gap["eager2"], gaps
+            kept.append(([c.clone() for c, _, _ in out["graphed"].batches], out["graphed"].batches))
+            schedule = gan_trainer.advance(schedule, out["eager"].net)
+    finally:
+        torch.backends.cudnn.deterministic = deterministic
+    print("iteration, net (eager, graphed), largest loss gap to eager: eager2, graphed", *gaps, sep="\n")
     for copies, logged in kept:
         assert all(torch.equal(c, b[0]) for c, b in zip(copies, logged))
