@@ -3,7 +3,7 @@
 Run by hand (not collected by pytest):
 
     python tests/bench_speed.py --data_source all --iters 50 --rounds 3
-    python tests/bench_speed.py --data_source mnist --iters 10 --variants ref,fp32,cl,bf16,bf16+cl,compile
+    python tests/bench_speed.py --data_source mnist --iters 10 --variants ref,fp32,cl,bf16,bf16+cl,compiled
 
 Every variant trains its own copy of the same nets (same seed) on the loop's real
 work per iteration: the batch (the trainer's block draws, or a draw per batch for the
@@ -72,6 +72,8 @@ def work(cfg, batch):
         # losses: D(x), G(z), D(G(z)) [shared]; D-update: backward on fake, D(x) again + backward
         "product": (Gf + 2 * Df + D_bp + Df + D_bp, Gf + 2 * Df + D_in + G_bp),
         "graphed": (2 * (Gf + 2 * Df) + D_bp + Df + D_bp, 2 * (Gf + 2 * Df) + D_in + G_bp),
+        # losses and the gradients of both candidate updates every iteration; D's update on x after
+        "compiled": (Gf + 2 * Df + D_bp + D_in + G_bp + Df + D_bp, Gf + 2 * Df + D_bp + D_in + G_bp),
         # losses: D(x), G(z), D(G(z)), G(z), D(G(z)); then the update recomputes its forwards
         "ref": (3 * Df + 2 * Gf + Gf + Df + D_bp + Df + D_bp, 3 * Df + 2 * Gf + Gf + Df + D_all + G_bp),
     }
@@ -105,14 +107,14 @@ VARIANTS = {
     "cl": ("product", {"channels_last": True}),
     "bf16": ("product", {"bf16": True}),
     "bf16+cl": ("product", {"bf16": True, "channels_last": True}),
-    "compile": ("product", {"compile": True}),
+    "compiled": ("compiled", {"compiled": True}),  # CompiledStep: torch.compile (--compile 1)
     # the graphed step evaluates the losses twice (once to choose, once inside the update's graph)
     "graphs": ("graphed", {"cuda_graphs": True}),
     "cl+graphs": ("graphed", {"channels_last": True, "cuda_graphs": True}),
     "bf16+graphs": ("graphed", {"bf16": True, "cuda_graphs": True}),
 }
 DEFAULT_VARIANTS = {
-    "uniform": "ref,fp32",
+    "uniform": "ref,fp32,compiled",
     "mnist": "ref,fp32,cl,bf16,bf16+cl",
     "cifar": "ref,fp32,cl,bf16,bf16+cl",
 }
@@ -138,8 +140,9 @@ class Runner:
             self.opt_g, self.opt_d = make_optimizers(cfg, self.gen, self.dis)
         self.fmt = torch.channels_last if options.get("channels_last") and cfg.is_image else torch.contiguous_format
         if self.impl != "ref":
-            nets = (torch.compile(self.gen), torch.compile(self.dis)) if options.get("compile") else (self.gen, self.dis)
-            self.step = T.make_step(*nets, self.opt_g, self.opt_d, self.autocast, options.get("cuda_graphs", False))
+            self.step = T.make_step(self.gen, self.dis, self.opt_g, self.opt_d, self.autocast,
+                                    options.get("cuda_graphs", False), compiled=options.get("compiled", False),
+                                    log=lambda *lines: None)
         self.schedule, self.i = T.Schedule(), 0
         self.steps = {"dis": 0, "gen": 0}
         self.logs = {"dis": T.TrainerLog("discriminator", cfg.batch_size),

@@ -34,8 +34,16 @@ MNIST_IMAGES = "train-images-idx3-ubyte"
 
 # ------------------------------------------------------------------ running the program
 
+def eager(args):
+    """args with --compile 0 unless they choose: compiling the uniform step (the CPU default) costs
+    seconds per run, so runs are eager unless a test is about the compiled step
+    (tests/test_compiled_step.py), which equals the eager one to float rounding."""
+    args = [str(a) for a in args]
+    return args if "--compile" in args else args + ["--compile", "0"]
+
+
 def cli_args(*args):
-    return [sys.executable, str(TRAINER), *map(str, args)]
+    return [sys.executable, str(TRAINER), *eager(args)]
 
 
 def run_cli(*args, timeout=180):
@@ -69,7 +77,7 @@ def run_main(argv, capsys):
     import gan_trainer
     capsys.readouterr()
     try:
-        code = gan_trainer.main([str(a) for a in argv])
+        code = gan_trainer.main(eager(argv))
     except SystemExit as e:  # argparse errors, interrupted runs
         code = e.code
     out, err = capsys.readouterr()

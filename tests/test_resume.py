@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import gan_trainer
-from conftest import (MNIST_ARGS, MNIST_IMAGES, UNIFORM_ARGS, assert_one_line_error, load_ckpt, popen_cli,
-                      read_metrics, run_cli, run_main)
+from conftest import (MNIST_ARGS, MNIST_IMAGES, UNIFORM_ARGS, assert_one_line_error, eager, load_ckpt,
+                      popen_cli, read_metrics, run_cli, run_main)
 
 D_POS_LINE = re.compile(r"^d_pos_loss is [0-9.e+-]+     d_neg_loss is [0-9.e+-]+$")
 
@@ -210,7 +210,7 @@ def eval_runs(tmp_path_factory):
                                      "--eval_every", 1, "--samples", 200]]}.items():
         for argv in argvs:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
-                code = gan_trainer.main([str(a) for a in argv] + ["--out_dir", str(root / name)])
+                code = gan_trainer.main(eager([*argv, "--out_dir", root / name]))
             results.setdefault(name, []).append((code, err.getvalue()))
     return root, results
 

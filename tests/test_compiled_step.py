@@ -1,0 +1,117 @@
+"""The compiled step (--compile 1, the CPU default for uniform) computes what train_step computes.
+
+Compiling takes seconds, so the other tests run eagerly (conftest.eager); these check the
+compiled step against train_step, its exact resume, and its fall-back to eager when
+torch.compile fails.
+"""
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+import gan_trainer
+from conftest import read_metrics
+from gan_conf import CONFIGS, build_nets
+from test_resume import assert_same_training_state, without_seconds
+from test_step_equivalence import BATCH, batches
+
+ITERS = 12
+
+
+def test_compiled_step_matches_train_step_stepwise():
+    """Same choices, losses, logged batches and gradients as train_step, to float rounding,
+    through D and G updates; each iteration starts both from train_step's state. The step
+    compiles once."""
+    cfg = dataclasses.replace(CONFIGS["uniform"], batch_size=BATCH)
+    torch.manual_seed(0)
+    nets = {"eager": build_nets(cfg)}
+    nets["compiled"] = copy.deepcopy(nets["eager"])
+    opts = {k: tuple(torch.optim.Adam(n.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999), fused=True) for n in v)
+            for k, v in nets.items()}
+    autocast = gan_trainer.make_autocast(torch.device("cpu"), False)
+    logged = []
+    steps = {k: gan_trainer.make_step(*nets[k], *opts[k], autocast, compiled=k == "compiled", log=logged.append)
+             for k in nets}
+    assert isinstance(steps["compiled"], gan_trainer.CompiledStep)
+    schedule, chosen = gan_trainer.Schedule(), []
+    for i, (x, z) in enumerate(batches(cfg, ITERS, 1)):
+        for a, b in zip((*nets["compiled"], *opts["compiled"]), (*nets["eager"], *opts["eager"])):
+            a.load_state_dict(copy.deepcopy(b.state_dict()))
+            a.zero_grad(set_to_none=True)
+            b.zero_grad(set_to_none=True)
+        eager, compiled = (steps[k](x, z, schedule) for k in ("eager", "compiled"))
+        assert compiled.net == eager.net, f"iteration {i}"
+        assert compiled.values == pytest.approx(eager.values, rel=1e-5, abs=1e-6), f"iteration {i}"
+        assert [label for *_, label in compiled.batches] == [label for *_, label in eager.batches]
+        for n, ((c1, l1, _), (c2, l2, _)) in enumerate(zip(compiled.batches, eager.batches)):
+            tol = 1e-5 if n == 0 else 1e-3  # D's batch on x follows its first update (a step of lr apart)
+            torch.testing.assert_close(c1, c2.detach(), rtol=tol, atol=tol)
+            torch.testing.assert_close(l1, l2.detach(), rtol=tol, atol=tol)
+        for a, b in zip(nets["compiled"], nets["eager"]):
+            for (name, p), q in zip(a.named_parameters(), b.parameters()):
+                # no element further apart than Adam's steps can take it (a gradient that is zero
+                # but for round-off, e.g. of a bias a batch norm cancels, steps +-lr either way) ...
+                diff = (p - q).abs().max().item()
+                assert diff <= 4 * cfg.lr, f"iteration {i}: {name} max diff {diff:g}"
+                # ... and the gradients of the last update agree (D's on x follows its first update)
+                if q.grad is not None:
+                    gap, scale = (p.grad - q.grad).abs().max().item(), q.grad.abs().max().item()
+                    assert gap <= 1e-3 * scale + 1e-6, f"iteration {i}: {name}.grad differs by {gap:g} (of {scale:g})"
+        for a, b in zip(opts["compiled"], opts["eager"]):
+            sa, sb = a.state_dict()["state"], b.state_dict()["state"]
+            assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["step"], sb[k]["step"]) for k in sa)
+        schedule = gan_trainer.advance(schedule, eager.net)
+        chosen.append(eager.net)
+    assert set(chosen) == {"dis", "gen"}, f"only {chosen}: not a full test"
+    assert len(logged) == 1 and logged[0].startswith("compiled the training step in"), logged
+
+
+UNIFORM = ["-d", "uniform", "--batch_size", 16, "--iters", 60, "--seed", 2, "--use_gpu", 0, "--quiet"]
+
+
+def train(argv, out_dir):
+    """gan_trainer.main as given (without conftest's --compile 0): (status, stdout, stderr)."""
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:
+        code = gan_trainer.main([str(a) for a in [*argv, "--out_dir", out_dir]])
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_uniform_compiles_by_default_and_resumes_exactly(tmp_path):
+    """Uniform on the CPU compiles without being asked; 2 passes in one go equal 1 pass,
+    then --resume for the second, bit for bit (the compiled kernels are deterministic)."""
+    code, out, err = train([*UNIFORM, "--passes", 2], tmp_path / "full")
+    assert code == 0, err
+    assert "compiled the training step in" in out
+    code, _, err = train([*UNIFORM, "--passes", 1], tmp_path / "resumed")
+    assert code == 0, err
+    code, out, err = train(["-d", "uniform", "--resume", "--passes", 2, "--use_gpu", 0, "--quiet"],
+                           tmp_path / "resumed")
+    assert code == 0, err
+    assert "compiled the training step in" in out and "pass 1 iteration 0" in out
+    full, resumed = (tmp_path / k / "uniform_params" for k in ("full", "resumed"))
+    assert_same_training_state(torch.load(resumed / "pass_1.pt", weights_only=False),
+                               torch.load(full / "pass_1.pt", weights_only=False))
+    assert without_seconds(read_metrics(resumed / "metrics.jsonl")) == without_seconds(read_metrics(full / "metrics.jsonl"))
+
+
+def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch):
+    """If torch.compile fails (no C++ compiler, an older torch), the run says so in one line and
+    trains eagerly: the very numbers of --compile 0."""
+    def broken(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("no working C++ compiler found\nmore detail")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    code, out, err = train([*UNIFORM, "--passes", 1, "--compile", 1], tmp_path / "broken")
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if "torch.compile failed" in line]
+    assert notes == ["torch.compile failed (RuntimeError: no working C++ compiler found); "
+                     "running eagerly, as --compile 0 does"]
+    code, _, err = train([*UNIFORM, "--passes", 1, "--compile", 0], tmp_path / "eager")
+    assert code == 0, err
+    assert_same_training_state(torch.load(tmp_path / "broken" / "uniform_params" / "pass_0.pt", weights_only=False),
+                               torch.load(tmp_path / "eager" / "uniform_params" / "pass_0.pt", weights_only=False))
