@@ -447,13 +447,13 @@ class CompiledStep:
 
     def _compile(self, x, z):
         """Compile both functions on the first batch (their calls change nothing), or fall back."""
-        import torch._dynamo
-        torch._dynamo.config.trace_autograd_ops = True  # torch.autograd.grad inside the graph
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
         for label in (REAL, FAKE):
             labels(len(x), label, x.device)
         started = time.time()
         try:
+            import torch._dynamo
+            torch._dynamo.config.trace_autograd_ops = True  # torch.autograd.grad inside the graph (torch 2.14)
             self.evaluate(x, z)
             self.dis_on_real(x)
             self.log(f"compiled the training step in {time.time() - started:.1f} s "
