@@ -141,10 +141,11 @@ def block_indices(n, batch_size, generator, rows=BATCH_BLOCK):
 
     Drawing a block at once spares each iteration a draw, and on a GPU a wait: a row with a
     repeat is drawn again (13% of rows for mnist, 0.8% for uniform), and deciding which rows to
-    redraw reads the device, here once per round for the whole block.
+    redraw reads the device, here once per round for the whole block. Where repeats would be
+    common (batch_size^2 > n), each row is a permutation's head instead.
     """
     device = generator.device
-    if 4 * batch_size > n:  # small data: repeats would be common; a permutation per row
+    if batch_size ** 2 > n:  # rows with a repeat would be common (about 1 - exp(-b^2 / 2n)): a permutation per row
         return torch.stack([torch.randperm(n, generator=generator, device=device)[:batch_size]
                             for _ in range(rows)])
     idx = torch.randint(n, (rows, batch_size), generator=generator, device=device)
@@ -333,6 +334,8 @@ class GraphedStep:
             update_gen(step, opt_g)
             return step
 
+        # the graphs read the cached label batches (LABELS is never emptied; held here all the same)
+        self.labels = [labels(len(x), label, x.device) for label in (REAL, FAKE)]
         saved = [t.detach().clone() for t in self._state()]
         fresh = {id(p) for opt in self.opts for p in opt.param_groups[0]["params"] if not opt.state.get(p)}
         self.graphs, self.outputs = {}, {}
@@ -428,7 +431,7 @@ class CompiledStep:
     def __init__(self, gen, dis, opt_g, opt_d, autocast, log=print):
         self.opts, self.log = {"gen": opt_g, "dis": opt_d}, log
         self.eager = functools.partial(train_step, gen, dis, opt_g, opt_d, autocast=autocast)
-        self.ready = False
+        self.ready, self.evaluate, self.dis_on_real = False, None, None  # compiled by the first call
         params = {net: opt.param_groups[0]["params"] for net, opt in self.opts.items()}
 
         def evaluate(x, z):
@@ -442,8 +445,7 @@ class CompiledStep:
             real_cost, logits = cost_on_real(dis, x, autocast)
             return real_cost.detach(), logits.detach(), torch.autograd.grad(real_cost, params["dis"])
 
-        self.evaluate, self.dis_on_real = (torch.compile(f, fullgraph=True, dynamic=False)
-                                           for f in (evaluate, dis_on_real))
+        self.functions = evaluate, dis_on_real
 
     def _compile(self, x, z):
         """Compile both functions on the first batch (their calls change nothing), or fall back."""
@@ -454,6 +456,8 @@ class CompiledStep:
         try:
             import torch._dynamo
             torch._dynamo.config.trace_autograd_ops = True  # torch.autograd.grad inside the graph (torch 2.14)
+            self.evaluate, self.dis_on_real = (torch.compile(f, fullgraph=True, dynamic=False)
+                                               for f in self.functions)
             self.evaluate(x, z)
             self.dis_on_real(x)
             self.log(f"compiled the training step in {time.time() - started:.1f} s "
@@ -1164,7 +1168,7 @@ def train(args):
     if args.cuda_graphs and device.type != "cuda":
         log("--cuda_graphs 1 needs a GPU: running eagerly")
     if args.compile and device.type != "cpu":
-        log("--compile 1 is for the CPU: on a GPU the step runs from CUDA graphs (--cuda_graphs)")
+        log("--compile 1 is for the CPU: ignored on a GPU (where --cuda_graphs speeds the step up)")
     cuda_graphs = device.type == "cuda" and args.cuda_graphs != 0  # 6.4x the plain port on an H100, eager 2.0x (README: Speed)
     # compiled: 2x eager for the tiny uniform nets on the CPU; the image nets are bound by their convolutions
     compiled = device.type == "cpu" and (args.compile if args.compile is not None else not cfg.is_image)

@@ -35,6 +35,7 @@ def test_compiled_step_matches_train_step_stepwise():
              for k in nets}
     assert isinstance(steps["compiled"], gan_trainer.CompiledStep)
     schedule, chosen = gan_trainer.Schedule(), []
+    graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]  # noqa: E731
     for i, (x, z) in enumerate(batches(cfg, ITERS, 1)):
         for a, b in zip((*nets["compiled"], *opts["compiled"]), (*nets["eager"], *opts["eager"])):
             a.load_state_dict(copy.deepcopy(b.state_dict()))
@@ -63,6 +64,9 @@ def test_compiled_step_matches_train_step_stepwise():
             assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["step"], sb[k]["step"]) for k in sa)
         schedule = gan_trainer.advance(schedule, eager.net)
         chosen.append(eager.net)
+        if i == 0:
+            compiled_graphs = graphs()
+    assert graphs() == compiled_graphs, "recompiled after the first iteration"
     assert set(chosen) == {"dis", "gen"}, f"only {chosen}: not a full test"
     assert len(logged) == 1 and logged[0].startswith("compiled the training step in"), logged
 
@@ -97,13 +101,15 @@ def test_uniform_compiles_by_default_and_resumes_exactly(tmp_path):
     assert without_seconds(read_metrics(resumed / "metrics.jsonl")) == without_seconds(read_metrics(full / "metrics.jsonl"))
 
 
-def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch):
-    """If torch.compile fails (no C++ compiler, an older torch), the run says so in one line and
-    trains eagerly: the very numbers of --compile 0."""
+@pytest.mark.parametrize("when", ["first call", "torch.compile"])
+def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch, when):
+    """If compiling fails, when the compiled function first runs (no C++ compiler) or already in
+    torch.compile (a platform without it), the run says so in one line and trains eagerly: the
+    very numbers of --compile 0."""
     def broken(fn, **kwargs):
         def call(*args):
             raise RuntimeError("no working C++ compiler found\nmore detail")
-        return call
+        return call() if when == "torch.compile" else call
 
     monkeypatch.setattr(torch, "compile", broken)
     code, out, err = train([*UNIFORM, "--passes", 1, "--compile", 1], tmp_path / "broken")

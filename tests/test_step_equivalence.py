@@ -267,8 +267,8 @@ def test_captured_graphs_follow_train_step_on_the_gpu():
             out = {k: steps[k](x, z, schedule) for k in ("eager", "eager2", "graphed")}
             gap = {k: max(abs(a - b) for a, b in zip(out[k].values, out["eager"].values)) for k in ("eager2", "graphed")}
             gaps.append((i, out["eager"].net, out["graphed"].net, gap["eager2"], gap["graphed"]))
-            assert out["graphed"].net == out["eager"].net, gaps
-            assert gap["graphed"] <= 1e-5 + 10 * gap["eager2"], gaps
+            assert out["graphed"].net == out["eager2"].net == out["eager"].net, gaps
+            assert gap["graphed"] <= min(1e-5 + 10 * gap["eager2"], 1e-3), gaps
             kept.append(([c.clone() for c, _, _ in out["graphed"].batches], out["graphed"].batches))
             schedule = gan_trainer.advance(schedule, out["eager"].net)
     finally:

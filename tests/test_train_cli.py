@@ -180,6 +180,13 @@ def test_block_indices_are_distinct_uniform_rows(n):
     assert abs(idx[:, 0].float().mean().item() - (n - 1) / 2) < 0.05 * n
 
 
+def test_block_indices_with_large_batches():
+    """Batches of a large share of the data (repeats in nearly every random draw) still come
+    as distinct rows, from permutations (rejection would take forever: batch 1000 of 60000)."""
+    idx = gan_trainer.block_indices(60000, 1000, torch.Generator().manual_seed(0), rows=3)
+    assert idx.shape == (3, 1000) and all(len(set(row)) == 1000 for row in idx.tolist())
+
+
 def test_real_batches_are_the_same_wherever_a_pass_resumes():
     """A pass resumed at iteration k (the same seed) sees the batches an unbroken pass saw from k on."""
     data = torch.arange(500).float()[:, None]
