@@ -183,7 +183,7 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, capsys, monkey
     assert ckpt["pass"] == 0
     assert all(torch.isfinite(v).all() for v in ckpt["generator"].values())
     assert "Traceback" not in line
-    # the plots show the run up to the stop (passes this fast are otherwise plotted every 10 s)
+    # the plots show the run up to the stop (passes this fast are otherwise plotted every 30 s)
     samples = tmp_path / "uniform_samples"
     assert (samples / "losses.png").stat().st_size > 0
     from PIL import Image
