@@ -145,7 +145,7 @@ def block_indices(n, batch_size, generator, rows=BATCH_BLOCK):
     common (batch_size^2 > n), each row is a permutation's head instead.
     """
     device = generator.device
-    if batch_size ** 2 > n:  # rows with a repeat would be common (about 1 - exp(-b^2 / 2n)): a permutation per row
+    if batch_size ** 2 > n:  # a row repeats an index with chance about 1 - exp(-b^2 / 2n): too often
         return torch.stack([torch.randperm(n, generator=generator, device=device)[:batch_size]
                             for _ in range(rows)])
     idx = torch.randint(n, (rows, batch_size), generator=generator, device=device)
