@@ -273,11 +273,9 @@ def choose(step, schedule):
 
 def update_dis(step, dis, opt_d, x, autocast):
     """D: one update on the fake batch (its graph is at hand), then one on the real batch."""
-    set_grads(step.d_neg_loss, opt_d)
-    adam_step(opt_d)
+    descend(step.d_neg_loss, opt_d)
     real_cost, logits = cost_on_real(dis, x, autocast)
-    set_grads(real_cost, opt_d)
-    adam_step(opt_d)
+    descend(real_cost, opt_d)
     step.batches = [(step.d_neg_loss.detach(), step.fake_logits.detach(), FAKE),
                     (real_cost.detach(), logits.detach(), REAL)]
 
@@ -291,8 +289,7 @@ def cost_on_real(dis, x, autocast):
 
 def update_gen(step, opt_g):
     """G: one update through the unchanged D, with label "real"."""
-    set_grads(step.g_loss, opt_g)
-    adam_step(opt_g)
+    descend(step.g_loss, opt_g)
     step.batches = [(step.g_loss.detach(), step.fake_logits.detach(), REAL)]
 
 
@@ -519,16 +516,15 @@ def adam_step(opt):
                        eps=group["eps"], maximize=group["maximize"], grad_scale=None, found_inf=None)
 
 
-def set_grads(loss, opt):
-    """The gradients of loss with respect to the parameters opt updates, as their .grad
-    (replaced, so no zero_grad is needed, and nothing is computed for the other net)."""
-    params = opt.param_groups[0]["params"]
-    for p, g in zip(params, torch.autograd.grad(loss, params)):
-        p.grad = g
+def descend(loss, opt):
+    """One Adam update of opt's parameters down the gradient of loss (taken for those
+    parameters only: nothing is computed for the other net)."""
+    apply_grads(torch.autograd.grad(loss, opt.param_groups[0]["params"]), opt)
 
 
 def apply_grads(grads, opt):
-    """One Adam update of opt's parameters with these gradients."""
+    """One Adam update of opt's parameters with these gradients (set as their .grad, replacing
+    the last ones, so no zero_grad is needed)."""
     for p, g in zip(opt.param_groups[0]["params"], grads):
         p.grad = g
     adam_step(opt)

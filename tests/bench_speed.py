@@ -150,7 +150,6 @@ class Runner:
         self.times, self.compile_s = [], 0.0
         self.batches = T.real_batches(data, cfg.batch_size, seed, pass_id=0)  # as the trainer draws them
 
-
     def iteration(self):
         cfg, i = self.cfg, self.i
         x = next(self.batches) if self.impl != "ref" else reference_batch(self.data, cfg.batch_size)

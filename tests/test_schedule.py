@@ -42,19 +42,12 @@ def test_advance_is_pure():
     assert s == Schedule("dis", 2)
 
 
-def test_d_loss_always_larger_alternates_five_d_one_g():
+@pytest.mark.parametrize("d_loss_larger, pattern", [(True, "DDDDDG" * 3), (False, "GGGGGD" * 2)],
+                         ids=["d_larger-five_d_one_g", "d_smaller-five_g_one_d"])
+def test_one_net_always_larger_alternates_five_and_one(d_loss_larger, pattern):
     s, trained = Schedule(), []
-    for _ in range(18):
-        net = choose_net(s, d_loss_larger=True)
+    for _ in pattern:
+        net = choose_net(s, d_loss_larger=d_loss_larger)
         trained.append(net)
         s = advance(s, net)
-    assert "".join("D" if n == "dis" else "G" for n in trained) == "DDDDDG" * 3
-
-
-def test_d_loss_always_smaller_alternates_five_g_one_d():
-    s, trained = Schedule(), []
-    for _ in range(12):
-        net = choose_net(s, d_loss_larger=False)
-        trained.append(net)
-        s = advance(s, net)
-    assert "".join("D" if n == "dis" else "G" for n in trained) == "GGGGGD" * 2
+    assert "".join("D" if n == "dis" else "G" for n in trained) == pattern
