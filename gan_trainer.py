@@ -10,6 +10,7 @@ step, outputs, checkpoints, evaluation, the loop, the command line.
 """
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import gzip
@@ -1047,6 +1048,28 @@ def set_threads(threads, cfg, device):
         torch.set_num_threads(threads or 1)
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+
+
+def keep_freed_memory(keep=True):
+    """Have glibc's malloc keep freed memory for reuse (keep=False: its initial settings).
+
+    Each iteration frees and allocates the same activation tensors of a few MB. By default
+    glibc gives such blocks back to the OS and takes them again page by page: about 12,000
+    page faults per mnist iteration on the CPU, 5% of the fp32 step and 20% of the bf16 one
+    (README: Speed). Kept, the memory stays at its peak, which it reaches in the first
+    iteration anyway. Does nothing off glibc; True where the setting took.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # not glibc, or no C library to ask (Windows)
+        return False
+    # 32 MiB: the highest mmap threshold every glibc accepts; bigger blocks (the data set) are
+    # made once. 1 GiB of free memory at the heap's top before any is handed back.
+    mmap, trim = (32 << 20, 1 << 30) if keep else (128 << 10, 128 << 10)
+    return bool(mallopt(M_MMAP_THRESHOLD, mmap) and mallopt(M_TRIM_THRESHOLD, trim))
+
+
 def make_training(cfg, options, device):
     """G, D, their Adam optimizers and the autocast context for a configuration."""
     gen, dis = (net.to(device) for net in build_nets(cfg))
@@ -1159,6 +1182,7 @@ def train(args):
 
     # --- data, nets, optimizers
     set_threads(args.threads, cfg, device)
+    keep_freed_memory()
     data = load_data(cfg, args.data_dir, device, options["seed"])
     gen, dis, opt_g, opt_d, autocast = make_training(cfg, options, device)
     if args.cuda_graphs and device.type != "cuda":

@@ -10,7 +10,9 @@ work per iteration: the batch (the trainer's block draws, or a draw per batch fo
 plain port) and its scaling, noise, the step, the schedule and TrainerLog
 accumulation, and the loss lines every 100 iterations.
 Variants run interleaved, in rounds, and the median round counts: the machine may
-be shared.  Work is counted analytically (2 x multiply-adds of every linear /
+be shared.  Each runs with the malloc setting of its program: the trainer's
+keep_freed_memory for the trainer's variants, glibc's defaults for the plain port
+(and "ref+keep" shows the plain port with the trainer's setting).  Work is counted analytically (2 x multiply-adds of every linear /
 conv / transposed conv, forward and backward as each implementation does it),
 per D-iteration and per G-iteration, then weighted by the observed D share.
 Images: random uint8 data of the right shape (no download, no data files read).
@@ -103,6 +105,8 @@ def matmul_peak(dtype, device, reps=5):
 VARIANTS = {
     # name: (implementation, trainer options); "product" is gan_trainer's own set-up
     "ref": ("ref", {}),
+    # the plain port with the trainer's malloc setting (keep_freed_memory), which it lacks
+    "ref+keep": ("ref", {"keep_freed_memory": True}),
     "fp32": ("product", {}),
     "cl": ("product", {"channels_last": True}),
     "bf16": ("product", {"bf16": True}),
@@ -115,8 +119,8 @@ VARIANTS = {
 }
 DEFAULT_VARIANTS = {
     "uniform": "ref,fp32,compiled",
-    "mnist": "ref,fp32,cl,bf16,bf16+cl",
-    "cifar": "ref,fp32,cl,bf16,bf16+cl",
+    "mnist": "ref,ref+keep,fp32,cl,bf16,bf16+cl",
+    "cifar": "ref,ref+keep,fp32,cl,bf16,bf16+cl",
 }
 GPU_VARIANTS = {
     "uniform": "ref,fp32,graphs",
@@ -138,6 +142,8 @@ class Runner:
         else:
             self.gen, self.dis = (net.to(device) for net in build_nets(cfg))
             self.opt_g, self.opt_d = make_optimizers(cfg, self.gen, self.dis)
+        # each variant runs with the allocator setting of the program it stands for
+        self.keep_freed_memory = options.get("keep_freed_memory", self.impl != "ref")
         self.fmt = torch.channels_last if options.get("channels_last") and cfg.is_image else torch.contiguous_format
         if self.impl != "ref":
             self.step = T.make_step(self.gen, self.dis, self.opt_g, self.opt_d, self.autocast,
@@ -175,6 +181,7 @@ class Runner:
         self.i += 1
 
     def run(self, iters):
+        T.keep_freed_memory(self.keep_freed_memory)
         t = time.perf_counter()
         for _ in range(iters):
             self.iteration()

@@ -2,6 +2,7 @@
 import json
 import pickle
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -244,3 +245,23 @@ def test_every_flag_is_in_the_readme_flags_table():
     assert len(flags) > 20
     missing = [f for f in flags if not re.search(rf"`(-\w, )?{f}[` ]", table)]
     assert not missing, f"flags missing from README's Flags table: {missing}"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc setting")
+def test_freed_tensor_memory_is_kept_for_reuse():
+    """After keep_freed_memory, a tensor of a few MB freed and made again reuses its pages:
+    no page faults (an mnist iteration took about 12,000 per iteration without it)."""
+    import resource
+
+    if not gan_trainer.keep_freed_memory():
+        pytest.skip("not glibc")
+    try:
+        for _ in range(3):  # the heap grows to its peak once
+            torch.ones(2 << 20)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(20):
+            torch.ones(2 << 20)  # 8 MB, written in full: 2048 pages, faulted in if given back
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    finally:
+        gan_trainer.keep_freed_memory(False)
+    assert faults < 500
