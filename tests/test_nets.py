@@ -197,3 +197,42 @@ def test_configs_match_the_tutorial():
             (100, 2e-4, 1000, 128, 100, 0.5)
     assert (m.sample_shape, c.sample_shape) == ((1, 28, 28), (3, 32, 32))
     assert gan_conf.GANConfig.__dataclass_params__.frozen
+
+
+# ------------------------------------------------------------------ the adjoint transposed convolution
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_first_mnist_deconv_under_cpu_bf16_is_the_adjoint_path_with_nns_numbers(layout):
+    """G's first transposed convolution (3x3 -> 7x7, kernel 5) runs as a convolution's input
+    gradient under bf16 autocast on the CPU: nn.ConvTranspose2d's output to one bf16 rounding
+    (the bias is added after the product is rounded), the same gradients, the same layout."""
+    torch.manual_seed(0)
+    gen, _ = nets("mnist")
+    layer = gen.convs[2]
+    plain = nn.ConvTranspose2d(256, 128, 5, stride=2, padding=1)
+    plain.load_state_dict(layer.state_dict())
+    layer, plain = layer.to(memory_format=layout), plain.to(memory_format=layout)
+    x = torch.randn(8, 256, 3, 3).contiguous(memory_format=layout).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, expected = layer(x), plain(x)
+    assert type(y.grad_fn).__name__ == "AdjointConvTransposeBackward"
+    assert y.dtype == expected.dtype == torch.bfloat16 and y.shape == expected.shape == (8, 128, 7, 7)
+    assert y.is_contiguous(memory_format=layout)
+    ulp = 2.0 ** -7 * expected.float().abs()
+    assert ((y.float() - expected.float()).abs() <= ulp + 1e-6).all()
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, layer.weight, layer.bias], g)
+    want = torch.autograd.grad(expected, [x, plain.weight, plain.bias], g)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2 * b.abs().max().item())
+
+
+def test_deconvs_take_nns_path_in_fp32_and_when_the_kernel_is_smaller_than_the_map():
+    gen, _ = nets("mnist")
+    z = torch.randn(8, 100)
+    h = gen.fc(z).view(-1, 256, 3, 3)
+    assert gen.convs[2](h).grad_fn.name() == "ConvolutionBackward0"  # fp32: nn's own
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h7 = torch.randn(8, 128, 7, 7)
+        assert gen.convs[5](h7).grad_fn.name() == "ConvolutionBackward0"  # kernel 4 < 7: nn's own
