@@ -1064,8 +1064,8 @@ def keep_freed_memory(keep=True):
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError, TypeError):  # not glibc, or no C library to ask (Windows)
         return False
-    # 32 MiB: the highest mmap threshold every glibc accepts; bigger blocks (the data set) are
-    # made once. 1 GiB of free memory at the heap's top before any is handed back.
+    # 32 MiB: the documented upper limit of the mmap threshold on 64-bit glibc; bigger blocks
+    # (the data set) are made once. Up to 1 GiB of free memory at the heap's top is kept.
     mmap, trim = (32 << 20, 1 << 30) if keep else (128 << 10, 128 << 10)
     return bool(mallopt(M_MMAP_THRESHOLD, mmap) and mallopt(M_TRIM_THRESHOLD, trim))
 

@@ -12,7 +12,8 @@ accumulation, and the loss lines every 100 iterations.
 Variants run interleaved, in rounds, and the median round counts: the machine may
 be shared.  Each runs with the malloc setting of its program: the trainer's
 keep_freed_memory for the trainer's variants, glibc's defaults for the plain port
-(and "ref+keep" shows the plain port with the trainer's setting).  Work is counted analytically (2 x multiply-adds of every linear /
+("ref+keep" is the plain port with the trainer's setting).
+Work is counted analytically (2 x multiply-adds of every linear /
 conv / transposed conv, forward and backward as each implementation does it),
 per D-iteration and per G-iteration, then weighted by the observed D share.
 Images: random uint8 data of the right shape (no download, no data files read).
