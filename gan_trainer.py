@@ -1051,14 +1051,14 @@ def set_threads(threads, cfg, device):
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 
 
-def keep_freed_memory(keep=True):
-    """Have glibc's malloc keep freed memory for reuse (keep=False: its initial settings).
+def keep_freed_memory():
+    """Have glibc's malloc keep freed memory for reuse; True where the setting took.
 
     Each iteration frees and allocates the same activation tensors of a few MB. By default
-    glibc gives such blocks back to the OS and takes them again page by page: about 12,000
-    page faults per mnist iteration on the CPU, 5% of the fp32 step and 20% of the bf16 one
-    (README: Speed). Kept, the memory stays at its peak, which it reaches in the first
-    iteration anyway. Does nothing off glibc; True where the setting took.
+    glibc gives some of them back to the OS and takes them again page by page: about 10,000
+    page faults per mnist iteration on the CPU (README: Speed). Kept, the memory stays at its
+    peak, which the first iterations reach anyway. Does nothing off glibc. (There is no way
+    back: once set, glibc's self-adjusting thresholds stay off for the process.)
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -1066,8 +1066,9 @@ def keep_freed_memory(keep=True):
         return False
     # 32 MiB: the documented upper limit of the mmap threshold on 64-bit glibc; bigger blocks
     # (the data set) are made once. Up to 1 GiB of free memory at the heap's top is kept.
-    mmap, trim = (32 << 20, 1 << 30) if keep else (128 << 10, 128 << 10)
-    return bool(mallopt(M_MMAP_THRESHOLD, mmap) and mallopt(M_TRIM_THRESHOLD, trim))
+    took_mmap = mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    took_trim = mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    return bool(took_mmap and took_trim)
 
 
 def make_training(cfg, options, device):
@@ -1182,7 +1183,8 @@ def train(args):
 
     # --- data, nets, optimizers
     set_threads(args.threads, cfg, device)
-    keep_freed_memory()
+    if device.type == "cpu":
+        keep_freed_memory()
     data = load_data(cfg, args.data_dir, device, options["seed"])
     gen, dis, opt_g, opt_d, autocast = make_training(cfg, options, device)
     if args.cuda_graphs and device.type != "cuda":

@@ -10,9 +10,10 @@ work per iteration: the batch (the trainer's block draws, or a draw per batch fo
 plain port) and its scaling, noise, the step, the schedule and TrainerLog
 accumulation, and the loss lines every 100 iterations.
 Variants run interleaved, in rounds, and the median round counts: the machine may
-be shared.  Each runs with the malloc setting of its program: the trainer's
-keep_freed_memory for the trainer's variants, glibc's defaults for the plain port
-("ref+keep" is the plain port with the trainer's setting).
+be shared.  On the CPU all of them run with the trainer's malloc setting
+(gan_trainer.keep_freed_memory, which cannot be undone within a process), so the
+ratios compare the steps alone; `--keep_freed_memory 0` leaves glibc's defaults, to
+measure the setting itself in separate processes.
 Work is counted analytically (2 x multiply-adds of every linear /
 conv / transposed conv, forward and backward as each implementation does it),
 per D-iteration and per G-iteration, then weighted by the observed D share.
@@ -106,8 +107,6 @@ def matmul_peak(dtype, device, reps=5):
 VARIANTS = {
     # name: (implementation, trainer options); "product" is gan_trainer's own set-up
     "ref": ("ref", {}),
-    # the plain port with the trainer's malloc setting (keep_freed_memory), which it lacks
-    "ref+keep": ("ref", {"keep_freed_memory": True}),
     "fp32": ("product", {}),
     "cl": ("product", {"channels_last": True}),
     "bf16": ("product", {"bf16": True}),
@@ -120,8 +119,8 @@ VARIANTS = {
 }
 DEFAULT_VARIANTS = {
     "uniform": "ref,fp32,compiled",
-    "mnist": "ref,ref+keep,fp32,cl,bf16,bf16+cl",
-    "cifar": "ref,ref+keep,fp32,cl,bf16,bf16+cl",
+    "mnist": "ref,fp32,cl,bf16,bf16+cl",
+    "cifar": "ref,fp32,cl,bf16,bf16+cl",
 }
 GPU_VARIANTS = {
     "uniform": "ref,fp32,graphs",
@@ -143,8 +142,6 @@ class Runner:
         else:
             self.gen, self.dis = (net.to(device) for net in build_nets(cfg))
             self.opt_g, self.opt_d = make_optimizers(cfg, self.gen, self.dis)
-        # each variant runs with the allocator setting of the program it stands for
-        self.keep_freed_memory = options.get("keep_freed_memory", self.impl != "ref")
         self.fmt = torch.channels_last if options.get("channels_last") and cfg.is_image else torch.contiguous_format
         if self.impl != "ref":
             self.step = T.make_step(self.gen, self.dis, self.opt_g, self.opt_d, self.autocast,
@@ -182,7 +179,6 @@ class Runner:
         self.i += 1
 
     def run(self, iters):
-        T.keep_freed_memory(self.keep_freed_memory)
         t = time.perf_counter()
         for _ in range(iters):
             self.iteration()
@@ -245,8 +241,12 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the trainer's choice per data source)")
     p.add_argument("--no_peak", action="store_true")
+    p.add_argument("--keep_freed_memory", type=int, default=1, choices=[0, 1],
+                   help="the trainer's malloc setting for every variant (CPU; 0: glibc's defaults)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cpu" and args.keep_freed_memory:
+        T.keep_freed_memory()
     sources = ["uniform", "mnist", "cifar"] if args.data_source == "all" else [args.data_source]
     default_threads = torch.get_num_threads()
     for source in sources:

@@ -201,38 +201,68 @@ def test_configs_match_the_tutorial():
 
 # ------------------------------------------------------------------ the adjoint transposed convolution
 
+def bf16_against_nn(layer, x):
+    """(layer(x), nn.ConvTranspose2d's x -> same) under CPU bf16 autocast, and both sets of gradients."""
+    plain = nn.ConvTranspose2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                               layer.padding, layer.output_padding, layer.groups, layer.bias is not None,
+                               layer.dilation)
+    plain.load_state_dict(layer.state_dict())
+    x = x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, expected = layer(x), plain(x)
+    g = torch.randn_like(y)
+    wrt = lambda m: [x, *m.parameters()]  # noqa: E731
+    return y, expected, torch.autograd.grad(y, wrt(layer), g), torch.autograd.grad(expected, wrt(plain), g)
+
+
+def assert_bf16_roundings_apart(y, expected, bias):
+    """The adjoint path rounds the product to bf16 and then the sum with the bias; nn rounds the
+    sum once. So they differ by bf16 roundings (unit 2^-8) of the product (|product| is at most
+    |sum| + |bias|) and of the sum: within 2^-6 (|sum| + |bias|)."""
+    assert y.dtype == expected.dtype == torch.bfloat16 and y.shape == expected.shape
+    size = expected.float().abs() + (0 if bias is None else bias.detach().abs().view(1, -1, 1, 1))
+    assert ((y.float() - expected.float()).abs() <= 2.0 ** -6 * size + 1e-6).all()
+
+
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
 def test_first_mnist_deconv_under_cpu_bf16_is_the_adjoint_path_with_nns_numbers(layout):
     """G's first transposed convolution (3x3 -> 7x7, kernel 5) runs as a convolution's input
-    gradient under bf16 autocast on the CPU: nn.ConvTranspose2d's output to one bf16 rounding
-    (the bias is added after the product is rounded), the same gradients, the same layout."""
+    gradient under bf16 autocast on the CPU: nn.ConvTranspose2d's output to bf16 rounding,
+    the very same gradients, the same layout."""
     torch.manual_seed(0)
     gen, _ = nets("mnist")
-    layer = gen.convs[2]
-    plain = nn.ConvTranspose2d(256, 128, 5, stride=2, padding=1)
-    plain.load_state_dict(layer.state_dict())
-    layer, plain = layer.to(memory_format=layout), plain.to(memory_format=layout)
-    x = torch.randn(8, 256, 3, 3).contiguous(memory_format=layout).requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y, expected = layer(x), plain(x)
+    layer = gen.convs[2].to(memory_format=layout)
+    y, expected, got, want = bf16_against_nn(layer, torch.randn(8, 256, 3, 3).contiguous(memory_format=layout))
     assert type(y.grad_fn).__name__ == "AdjointConvTransposeBackward"
-    assert y.dtype == expected.dtype == torch.bfloat16 and y.shape == expected.shape == (8, 128, 7, 7)
-    assert y.is_contiguous(memory_format=layout)
-    ulp = 2.0 ** -7 * expected.float().abs()
-    assert ((y.float() - expected.float()).abs() <= ulp + 1e-6).all()
-    g = torch.randn_like(y)
-    got = torch.autograd.grad(y, [x, layer.weight, layer.bias], g)
-    want = torch.autograd.grad(expected, [x, plain.weight, plain.bias], g)
+    assert y.shape == (8, 128, 7, 7) and y.is_contiguous(memory_format=layout)
+    assert_bf16_roundings_apart(y, expected, layer.bias)
     for a, b in zip(got, want):
-        assert a.dtype == b.dtype == torch.float32
-        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2 * b.abs().max().item())
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs, size", [
+    ({"kernel_size": 4, "stride": 2, "padding": 1}, (4, 4)),                       # cifar's first
+    ({"kernel_size": 3, "stride": 2, "padding": 1, "output_padding": 1}, (2, 3)),  # non-square map
+    ({"kernel_size": 3, "stride": 1, "padding": 1, "dilation": 2}, (3, 3)),
+    ({"kernel_size": 3, "stride": 2, "groups": 2}, (3, 2)),
+    ({"kernel_size": 5, "stride": 2, "padding": 1, "bias": False}, (3, 3)),
+])
+def test_adjoint_path_matches_nn_for_other_geometries(kwargs, size):
+    torch.manual_seed(0)
+    layer = gan_conf.ConvTranspose2d(8, 6, **kwargs)
+    y, expected, got, want = bf16_against_nn(layer, torch.randn(4, 8, *size))
+    assert type(y.grad_fn).__name__ == "AdjointConvTransposeBackward"
+    assert_bf16_roundings_apart(y, expected, layer.bias)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
 
 
 def test_deconvs_take_nns_path_in_fp32_and_when_the_kernel_is_smaller_than_the_map():
     gen, _ = nets("mnist")
-    z = torch.randn(8, 100)
-    h = gen.fc(z).view(-1, 256, 3, 3)
+    h = torch.randn(8, 256, 3, 3)
     assert gen.convs[2](h).grad_fn.name() == "ConvolutionBackward0"  # fp32: nn's own
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        h7 = torch.randn(8, 128, 7, 7)
-        assert gen.convs[5](h7).grad_fn.name() == "ConvolutionBackward0"  # kernel 4 < 7: nn's own
+        assert gen.convs[5](torch.randn(8, 128, 7, 7)).grad_fn.name() == "ConvolutionBackward0"  # kernel 4 < 7
+        wide = gan_conf.ConvTranspose2d(8, 4, 3)  # covers the height of a 3 x 8 map, not its width
+        assert wide(torch.randn(2, 8, 3, 8)).grad_fn.name() == "ConvolutionBackward0"
+        assert gen.convs[2](h, output_size=(7, 7)).grad_fn.name() == "ConvolutionBackward0"
