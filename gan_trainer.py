@@ -44,6 +44,12 @@ class UserError(Exception):
     """Bad input: reported as one line on stderr, exit status 1, no traceback."""
 
 
+def in_one_line(e, most=200):
+    """An exception as "Type: the first line of its message" (which may be empty, or many lines)."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:most]}" if first else type(e).__name__
+
+
 # ====================================================================== data
 
 def read_idx(path, magic, item_shape):
@@ -106,7 +112,7 @@ def load_cifar(data_dir):
                 batch = pickle.load(f, encoding="bytes")
             rows = np.asarray(batch[b"data"] if b"data" in batch else batch["data"])
         except Exception as e:  # any unpickling failure means a damaged file
-            raise UserError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e})")
+            raise UserError(f"{path}: not a CIFAR-10 python batch ({in_one_line(e)})")
         if rows.dtype != np.uint8 or rows.ndim != 2 or rows.shape[1] != 3072:
             raise UserError(f"{path}: 'data' is {rows.dtype} of shape {rows.shape}, "
                             "expected uint8 rows of 3072 bytes (32x32 pixels, R then G then B)")
@@ -341,9 +347,7 @@ class GraphedStep:
             for name, fn in (("eval", evaluate), ("dis", train_dis), ("gen", train_gen)):
                 self.graphs[name], self.outputs[name] = capture_graph(fn, self.capture)
         except Exception as e:
-            first_line = (str(e).strip().splitlines() or [""])[0]
-            raise UserError(f"capturing CUDA graphs failed ({type(e).__name__}: {first_line}); "
-                            "run with --cuda_graphs 0")
+            raise UserError(f"capturing CUDA graphs failed ({in_one_line(e)}); run with --cuda_graphs 0")
         finally:
             self._put_back(saved, fresh)
 
@@ -461,9 +465,7 @@ class CompiledStep:
             self.log(f"compiled the training step in {time.time() - started:.1f} s "
                      "(torch.compile; --compile 0 runs it eagerly)")
         except Exception as e:
-            first_line = (str(e).strip().splitlines() or [""])[0]
-            self.log(f"torch.compile failed ({type(e).__name__}: {first_line[:200]}); "
-                     "running eagerly, as --compile 0 does")
+            self.log(f"torch.compile failed ({in_one_line(e)}); running eagerly, as --compile 0 does")
             self.evaluate = None
         self.ready = True
 
@@ -773,7 +775,7 @@ def load_checkpoint(path, data_source):
         # CPU tensors); load_state_dict then moves weights and optimizer state to the nets' device.
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated zip, not a torch file, ...
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        raise UserError(f"{path}: not a readable checkpoint ({in_one_line(e, most=120)})")
     missing = CHECKPOINT_KEYS - ckpt.keys() if isinstance(ckpt, dict) else CHECKPOINT_KEYS
     if missing or not isinstance(ckpt["config"], dict):
         raise UserError(f"{path}: not a checkpoint of this trainer (missing {', '.join(sorted(missing)) or 'config'})")

@@ -166,3 +166,20 @@ def test_an_incomplete_checkpoint_is_refused(tmp_path, capsys):
     for extra in (["--generate", 4], ["--resume"]):
         code, out, err = run_main(["-d", "uniform", "--use_gpu", 0, "--out_dir", tmp_path, *extra], capsys)
         assert_one_line_error(code, err, "pass_0.pt", "not a checkpoint of this trainer")
+
+
+class _RaisesWithoutMessage:
+    """Unpickled, it calls next() on an empty iterator: StopIteration, whose message is empty."""
+
+    def __reduce__(self):
+        return next, (iter([]),)
+
+
+def test_a_checkpoint_failing_with_an_empty_message_is_refused_in_one_line(tmp_path, capsys):
+    import pickle
+    params = tmp_path / "uniform_params"
+    params.mkdir()
+    (params / "pass_0.pt").write_bytes(pickle.dumps(_RaisesWithoutMessage()))
+    code, out, err = run_main(["-d", "uniform", "--use_gpu", 0, "--out_dir", tmp_path, "--generate", 4], capsys)
+    line = assert_one_line_error(code, err, "pass_0.pt", "not a readable checkpoint")
+    assert line.endswith("(StopIteration)")
