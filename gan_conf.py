@@ -184,7 +184,7 @@ class AdjointConvTranspose(torch.autograd.Function):
 
 
 class ImageGenerator(nn.Module):
-    """z -> fc -> 256 x s8 x s8 -> deconv 128 x s4 -> deconv 64 x s2 -> deconv C x s, tanh."""
+    """z -> fc -> batch norm per unit -> 256 x s8 x s8 -> deconv 128 x s4 -> deconv 64 x s2 -> deconv C x s, tanh."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -192,11 +192,11 @@ class ImageGenerator(nn.Module):
         s, s2, s4, s8 = image_sizes(cfg)
         g = cfg.gf_dim
         self.start = (g * 4, s8, s8)
-        self.fc = nn.Linear(cfg.noise_dim, g * 4 * s8 * s8)
-        # Paddle's batch_norm_layer(num_channels=256, img_size=s8) after the fc
-        # normalises per channel of the 256 x s8 x s8 map: BatchNorm2d after the reshape.
+        # Paddle's batch_norm_layer on an fc layer takes its size from the fc's output: it
+        # normalises each of the s8*s8*256 units over the batch (one scale and shift per unit),
+        # before the reshape. The batch norms after the transposed convs are per channel.
+        self.fc = nn.Sequential(nn.Linear(cfg.noise_dim, g * 4 * s8 * s8), batch_norm_1d(g * 4 * s8 * s8), nn.ReLU())
         self.convs = nn.Sequential(
-            batch_norm_2d(g * 4), nn.ReLU(),
             deconv(g * 4, g * 2, s8, s4), batch_norm_2d(g * 2), nn.ReLU(),
             deconv(g * 2, g, s4, s2), batch_norm_2d(g), nn.ReLU(),
             deconv(g, c, s2, s), nn.Tanh(),
@@ -233,7 +233,7 @@ def init_image_net(net):
         if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.normal_(m.weight, 0.0, 0.02)
             nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
 

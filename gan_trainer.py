@@ -21,16 +21,29 @@ import math
 import os
 import pickle
 import random
+import re
 import signal
 import sys
 import time
+import warnings
+import zlib
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+if __name__ == "__main__":
+    # A stop signal while numpy and torch load (seconds) ends the program quietly; main() then
+    # installs its own handling.
+    def _stopped_while_starting(signum, frame):
+        os.write(2, b"gan_trainer.py: interrupted\n")
+        os._exit(130)
+    for _s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if _s:
+            signal.signal(_s, _stopped_while_starting)
 
-from gan_conf import CONFIGS, DigitClassifier, GANConfig, build_nets
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from gan_conf import CONFIGS, DigitClassifier, GANConfig, build_nets  # noqa: E402
 
 MAX_STRIKE = 5       # a net trains at most this many iterations in a row
 LOG_PERIOD = 100     # iterations between loss lines; batches between trainer summaries
@@ -59,8 +72,8 @@ def read_idx(path, magic, item_shape):
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise UserError(f"{path}: cannot read ({e}); fetch it again with {MNIST_SCRIPT}")
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise UserError(f"{path}: cannot read ({in_one_line(e)}); fetch it again with {MNIST_SCRIPT}")
     dims = len(item_shape) + 1
     header = 4 + 4 * dims
     if len(raw) < header:
@@ -99,6 +112,21 @@ def load_mnist_labels(data_dir, split="train"):
     return read_idx(find_mnist_file(data_dir, f"{prefix}-labels-idx1-ubyte"), 2049, ())
 
 
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR-10 python batch holds and nothing else: a dict of bytes, numbers,
+    lists and one NumPy array. Any other class or function a pickle names is refused, so a
+    crafted file cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR-10 batch does not hold")
+        multiarray = (getattr(np, "_core", None) or np.core).multiarray
+        return {"_reconstruct": multiarray._reconstruct, "ndarray": np.ndarray, "dtype": np.dtype}[name]
+
+
 def load_cifar(data_dir):
     """The five CIFAR-10 training batches as uint8 (n, 3, 32, 32)."""
     folder = Path(data_dir) / "cifar-10-batches-py"
@@ -109,13 +137,13 @@ def load_cifar(data_dir):
             raise UserError(f"CIFAR-10 file {path} not found: run {CIFAR_SCRIPT} (cd data && ./download_cifar.sh)")
         try:
             with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")
-            rows = np.asarray(batch[b"data"] if b"data" in batch else batch["data"])
-        except Exception as e:  # any unpickling failure means a damaged file
+                batch = CifarUnpickler(f, encoding="bytes").load()
+            rows = batch[b"data"] if b"data" in batch else batch["data"]
+        except Exception as e:  # any unpickling failure means a damaged or foreign file
             raise UserError(f"{path}: not a CIFAR-10 python batch ({in_one_line(e)})")
-        if rows.dtype != np.uint8 or rows.ndim != 2 or rows.shape[1] != 3072:
-            raise UserError(f"{path}: 'data' is {rows.dtype} of shape {rows.shape}, "
-                            "expected uint8 rows of 3072 bytes (32x32 pixels, R then G then B)")
+        if not isinstance(rows, np.ndarray) or rows.dtype != np.uint8 or rows.ndim != 2 or rows.shape[1] != 3072:
+            raise UserError(f"{path}: 'data' is {getattr(rows, 'dtype', type(rows).__name__)} of shape "
+                            f"{getattr(rows, 'shape', '()')}, expected uint8 rows of 3072 bytes (32x32 pixels, R then G then B)")
         batches.append(rows.reshape(-1, 3, 32, 32))
     return np.concatenate(batches)
 
@@ -146,22 +174,26 @@ def block_indices(n, batch_size, generator, rows=BATCH_BLOCK):
     """rows x batch_size indices out of n: each row batch_size distinct indices, uniformly at
     random (the original's numpy.random.choice(n, batch_size, replace=False), once per batch).
 
-    Drawing a block at once spares each iteration a draw, and on a GPU a wait: a row with a
-    repeat is drawn again (13% of rows for mnist, 0.8% for uniform), and deciding which rows to
-    redraw reads the device, here once per round for the whole block. Where repeats would be
-    common (batch_size^2 > n), each row is a permutation's head instead.
+    Drawing a block at once spares each iteration a draw, and on a GPU a wait. Indices are drawn
+    with replacement, then each repeat within a row is drawn again until none is left (the rule
+    treats every index alike, so each set of distinct indices is equally likely); deciding what
+    to redraw reads the device once per round for the whole block. Where a batch is over an
+    eighth of the data, repeats would take many rounds: each row is then a permutation's head.
     """
     device = generator.device
-    if batch_size ** 2 > n:  # a row repeats an index with chance about 1 - exp(-b^2 / 2n): too often
-        return torch.stack([torch.randperm(n, generator=generator, device=device)[:batch_size]
+    if 8 * batch_size > n:
+        # clone: a slice would keep its whole permutation of n alive
+        return torch.stack([torch.randperm(n, generator=generator, device=device)[:batch_size].clone()
                             for _ in range(rows)])
     idx = torch.randint(n, (rows, batch_size), generator=generator, device=device)
     while True:
-        ordered = idx.sort(1).values
-        redraw = (ordered[:, 1:] == ordered[:, :-1]).any(1).nonzero().squeeze(1)
-        if not len(redraw):
+        ordered, where = idx.sort(dim=1, stable=True)
+        repeat = torch.zeros_like(idx, dtype=torch.bool)
+        repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]  # every copy of an index but its first
+        row, col = repeat.nonzero(as_tuple=True)
+        if not len(row):
             return idx
-        idx[redraw] = torch.randint(n, (len(redraw), batch_size), generator=generator, device=device)
+        idx[row, where[row, col]] = torch.randint(n, (len(row),), generator=generator, device=device)
 
 
 def real_batches(data, batch_size, seed, pass_id, start=0):
@@ -599,7 +631,8 @@ def atomic_path(path):
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
 
     A crash or a kill at any moment leaves either the old file or the new one under
-    the final name, never a half-written one.
+    the final name, never a half-written one. A failed write (a full disk, a read-only
+    folder, a folder in the file's place) ends in one line naming the file.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -608,8 +641,11 @@ def atomic_path(path):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or in_one_line(e)}")
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 @torch.no_grad()
@@ -633,7 +669,8 @@ def remove_stale_temporaries(folder):
             pid = int(tmp.name.rsplit(".", 2)[-2])
             os.kill(pid, 0)  # still running: leave it
         except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         except (ValueError, PermissionError):
             pass
 
@@ -717,9 +754,21 @@ def write_progress_gif(samples_dir, passes, path, gray=False, most=GIF_FRAMES):
 
 
 # ====================================================================== checkpoints
+#
+# A checkpoint holds tensors and plain values only (numbers, strings, lists, tuples, dicts), so
+# that torch.load(weights_only=True), PyTorch's default, reads it: loading one can never run
+# code. Every field is checked before anything uses it.
+
+CHECKPOINT_FORMAT = 2  # 1 (no "format" key): G's first batch norm per channel, a pickled NumPy state
+CHECKPOINT_KEYS = {"format", "generator", "discriminator", "opt_g", "opt_d", "rng", "pass", "iteration",
+                   "schedule", "fixed_noise", "config", "options", "trainer_logs", "steps", "elapsed"}
+
 
 def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every random state, as tensors and plain values."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
@@ -749,19 +798,48 @@ def list_checkpoints(params_dir):
 def save_checkpoint(path, state, keep):
     """Write atomically, then prune all but the newest `keep` (0 keeps all)."""
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) so
+            raise OSError(in_one_line(e)) from e
     if keep > 0:
         for old in list_checkpoints(path.parent)[:-keep]:
             if old != path:
-                old.unlink(missing_ok=True)
+                try:
+                    old.unlink(missing_ok=True)
+                except OSError as e:
+                    raise UserError(f"cannot remove the old checkpoint {old}: {e.strerror or e}")
 
 
-CHECKPOINT_KEYS = {"generator", "discriminator", "opt_g", "opt_d", "rng", "pass", "iteration", "schedule",
-                   "fixed_noise", "config", "options", "trainer_logs", "steps", "elapsed"}
+def read_checkpoint(path):
+    """The raw content of a checkpoint file, read without running any code that it could hold."""
+    try:
+        with warnings.catch_warnings():  # torch warns of pickle protocols it did not write
+            warnings.simplefilter("ignore")
+            # Onto the CPU first (a checkpoint from a GPU loads anywhere; random states must be
+            # CPU tensors); load_state_dict then moves weights and optimizer state to the nets' device.
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only met something beyond tensors and plain values
+        raise UserError(f"{path}: refused: it holds more than tensors and plain values ({weights_only_reason(e)}), "
+                        "and loading such a file could run code; checkpoints of earlier versions of this trainer "
+                        "(an earlier architecture of G) look like this: train anew")
+    except Exception as e:  # truncated zip, not a torch file, ...
+        raise UserError(f"{path}: not a readable checkpoint ({in_one_line(e, most=120)})")
+
+
+def weights_only_reason(e):
+    """What torch.load(weights_only=True) refused, from its long message."""
+    for line in str(e).splitlines():
+        line = line.strip().removeprefix("WeightsUnpickler error:").strip()
+        if line and not line.startswith(("Weights only load failed", "Please file", "Check the documentation",
+                                         "(1)", "(2)")):
+            return line.split(" was not an allowed")[0].split(". Please")[0][:120]
+    return in_one_line(e, most=120)
 
 
 def load_checkpoint(path, data_source):
-    """A checkpoint dict, mapped onto `device`; refuses damaged or foreign files in one line."""
+    """A checked checkpoint dict (on the CPU), with its path under "path"; refuses damaged,
+    foreign or odd files in one line."""
     path = Path(path)
     if path.is_dir():
         found = list_checkpoints(path)
@@ -770,38 +848,152 @@ def load_checkpoint(path, data_source):
         path = found[-1]
     if not path.exists():
         raise UserError(f"checkpoint {path} not found: train first, or name one with --params")
-    try:
-        # Onto the CPU first (a checkpoint from a GPU loads anywhere; random states must be
-        # CPU tensors); load_state_dict then moves weights and optimizer state to the nets' device.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated zip, not a torch file, ...
-        raise UserError(f"{path}: not a readable checkpoint ({in_one_line(e, most=120)})")
-    missing = CHECKPOINT_KEYS - ckpt.keys() if isinstance(ckpt, dict) else CHECKPOINT_KEYS
-    if missing or not isinstance(ckpt["config"], dict):
-        raise UserError(f"{path}: not a checkpoint of this trainer (missing {', '.join(sorted(missing)) or 'config'})")
-    made_for = ckpt["config"].get("data_source")
-    if made_for != data_source:
-        raise UserError(f"{path}: checkpoint was made for -d {made_for}, not -d {data_source}")
+    ckpt = read_checkpoint(path)
+    check_checkpoint(ckpt, path, data_source)
     ckpt["path"] = path
     return ckpt
 
 
-def load_weights(net, state, what, path):
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise UserError(f"{path}: {what} does not match this architecture ({first[:120]})")
+# --- what a checkpoint may hold
+
+def is_int(v, low=0, high=None):
+    return type(v) is int and v >= low and (high is None or v <= high)
+
+
+def is_number(v, low=0.0, high=math.inf):
+    return type(v) in (int, float) and math.isfinite(v) and low <= v <= high
+
+
+def is_float_tensor(t, shape=None):
+    return (isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+            and (shape is None or t.shape == shape) and bool(torch.isfinite(t).all()))
+
+
+def has_keys(d, keys):
+    return isinstance(d, dict) and d.keys() == set(keys)
+
+
+def check_checkpoint(ckpt, path, data_source):
+    """Refuse, in one line naming the field, a checkpoint this trainer did not write: each field's
+    type, shape, range and keys are checked before anything uses it."""
+    def need(ok, what):
+        if not ok:
+            raise UserError(f"{path}: not a usable checkpoint: {what}")
+
+    need(isinstance(ckpt, dict), f"it holds a {type(ckpt).__name__}, not a dict")
+    if ckpt.keys() == CHECKPOINT_KEYS - {"format"}:
+        raise UserError(f"{path}: made by an earlier version of this trainer, with an earlier architecture "
+                        "(G's first batch norm per channel, now per unit as in the original): train anew")
+    missing, extra = CHECKPOINT_KEYS - ckpt.keys(), ckpt.keys() - CHECKPOINT_KEYS
+    if missing:
+        raise UserError(f"{path}: not a checkpoint of this trainer (missing {', '.join(sorted(missing))})")
+    need(not extra, f"unexpected {', '.join(sorted(map(str, extra)))}")
+    need(ckpt["format"] == CHECKPOINT_FORMAT, f"format {ckpt['format']!r}, this trainer reads {CHECKPOINT_FORMAT}")
+    cfg = check_config(ckpt["config"], need)
+    made_for = cfg.data_source
+    if made_for != data_source:
+        raise UserError(f"{path}: checkpoint was made for -d {made_for}, not -d {data_source}")
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        nets = dict(zip(("gen", "dis"), build_nets(cfg)))
+    steps = ckpt["steps"]
+    need(has_keys(steps, nets) and all(is_int(v) for v in steps.values()), "steps must be {'dis': n, 'gen': n}")
+    for net, weights, adam in (("gen", "generator", "opt_g"), ("dis", "discriminator", "opt_d")):
+        expected = nets[net].state_dict()
+        state = ckpt[weights]
+        need(isinstance(state, dict) and state.keys() == expected.keys(),
+             f"{weights} is not a state dict of this architecture")
+        for k, t in state.items():
+            need(is_float_tensor(t, expected[k].shape), f"{weights}.{k} is not a finite float tensor of shape "
+                 f"{tuple(expected[k].shape)}")
+        check_adam_state(ckpt[adam], [p.shape for p in nets[net].parameters()], steps[net] > 0,
+                         lambda ok, what, adam=adam: need(ok, f"{adam}: {what}"))
+    check_rng_state(ckpt["rng"], need)
+    need(is_int(ckpt["pass"], 0, cfg.passes - 1), f"pass must be an integer from 0 to {cfg.passes - 1}")
+    need(is_int(ckpt["iteration"], 0, cfg.iters_per_pass), f"iteration must be an integer from 0 to {cfg.iters_per_pass}")
+    schedule = ckpt["schedule"]
+    need(has_keys(schedule, ("net", "strike")) and schedule["net"] in ("dis", "gen")
+         and is_int(schedule["strike"], 0, MAX_STRIKE), f"schedule must be {{'net': 'dis' or 'gen', 'strike': 0 to {MAX_STRIKE}}}")
+    noise = ckpt["fixed_noise"]
+    need(is_float_tensor(noise) and noise.dim() == 2 and noise.shape[1] == cfg.noise_dim and len(noise) > 0
+         and len(noise) % cfg.batch_size == 0, f"fixed_noise must be whole batches of {cfg.noise_dim}-d noise")
+    options = ckpt["options"]
+    need(has_keys(options, ("seed", "speed")) and is_int(options["seed"], 0, 2 ** 32 - 1),
+         "options must be {'seed': 0 to 2^32-1, 'speed': {...}}")
+    Speed.from_dict(options["speed"], need)
+    logs = ckpt["trainer_logs"]
+    need(has_keys(logs, ("dis", "gen")) and all(
+        has_keys(log, ("batches", "pass_sums", "window_sums")) and is_int(log["batches"])
+        and all(isinstance(v, list) and len(v) == 2 and all(is_number(x) for x in v)
+                for v in (log["pass_sums"], log["window_sums"])) for log in logs.values()),
+        "trainer_logs must be {'dis'/'gen': {'batches': n, 'pass_sums': [cost, error], 'window_sums': [cost, error]}}")
+    need(is_number(ckpt["elapsed"]), "elapsed must be a number of seconds")
+
+
+def check_config(config, need):
+    """The GANConfig of a checkpoint's "config", each field of the type and range it must have."""
+    fields = {f.name: f.type for f in dataclasses.fields(GANConfig)}
+    need(isinstance(config, dict) and config.keys() == fields.keys(),
+         f"config must have exactly the fields of GANConfig ({', '.join(fields)})")
+    need(config["data_source"] in CONFIGS, f"config.data_source must be one of {', '.join(sorted(CONFIGS))}")
+    for name, kind in fields.items():
+        v = config[name]
+        if kind is int:
+            need(is_int(v, 2 if name == "batch_size" else 1), f"config.{name} must be a positive integer")
+        elif name == "beta1":
+            need(is_number(v, 0.0, 1.0) and v < 1, "config.beta1 must be a number in [0, 1)")
+        elif kind is float:
+            need(is_number(v) and v > 0, f"config.{name} must be a positive number")
+        elif kind is bool:
+            need(type(v) is bool, f"config.{name} must be true or false")
+    shape = CONFIGS[config["data_source"]].sample_shape
+    need(tuple(config["sample_shape"]) == shape if isinstance(config["sample_shape"], (tuple, list)) else False,
+         f"config.sample_shape must be {shape} for {config['data_source']}")
+    return GANConfig(**dict(config, sample_shape=shape))
+
+
+def check_adam_state(state, shapes, trained, need):
+    """An Adam state dict for parameters of these shapes: one group, and for every parameter
+    its step and moments (none before the net's first update)."""
+    need(has_keys(state, ("state", "param_groups")), "not an optimizer state dict")
+    groups = state["param_groups"]
+    need(isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict), "must have one parameter group")
+    group = groups[0]
+    need(group.get("params") == list(range(len(shapes))), f"its group must hold parameters 0 to {len(shapes) - 1}")
+    need(is_number(group.get("lr"), 0.0) and group["lr"] > 0, "lr must be a positive number")
+    betas = group.get("betas")
+    need(isinstance(betas, (tuple, list)) and len(betas) == 2 and all(is_number(b, 0.0, 0.999999) for b in betas),
+         "betas must be two numbers in [0, 1)")
+    need(is_number(group.get("eps"), 0.0) and is_number(group.get("weight_decay"), 0.0), "eps and weight_decay must be numbers >= 0")
+    need(all(isinstance(v, (bool, int, float, str, type(None))) for k, v in group.items() if k not in ("params", "betas")),
+         "its group holds values other than numbers, flags and strings")
+    moments = state["state"]
+    need(isinstance(moments, dict), "state must be a dict")
+    need(not trained or len(moments) == len(shapes), "no Adam state for a net that has trained")
+    need(not moments or moments.keys() == set(range(len(shapes))), f"state must cover parameters 0 to {len(shapes) - 1}")
+    for i, m in moments.items():
+        need(has_keys(m, ("step", "exp_avg", "exp_avg_sq")), f"state {i} must hold step, exp_avg and exp_avg_sq")
+        need(is_float_tensor(m["step"], ()) and m["step"].item() >= 0, f"state {i}: step must be a number >= 0")
+        need(is_float_tensor(m["exp_avg"], shapes[i]) and is_float_tensor(m["exp_avg_sq"], shapes[i])
+             and bool((m["exp_avg_sq"] >= 0).all()), f"state {i}: moments must be finite tensors of shape {tuple(shapes[i])}")
+
+
+def check_rng_state(state, need):
+    need(has_keys(state, ("python", "numpy", "torch", "cuda")), "rng must hold python, numpy, torch and cuda states")
+    for name, make in (("python", random.Random), ("numpy", np.random.RandomState)):
+        try:  # a throwaway generator of that kind takes the state, or says what is wrong with it
+            (make().setstate if name == "python" else make().set_state)(state[name])
+        except Exception as e:
+            need(False, f"rng.{name} is not a {name} random state ({in_one_line(e, most=80)})")
+    need(isinstance(state["torch"], torch.Tensor) and state["torch"].dtype == torch.uint8
+         and state["torch"].shape == torch.get_rng_state().shape, "rng.torch is not a torch random state")
+    cuda = state["cuda"]
+    need(isinstance(cuda, list) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1
+                                        and t.shape == cuda[0].shape for t in cuda), "rng.cuda must be CUDA random states")
 
 
 def config_from_checkpoint(ckpt):
-    fields = {f.name for f in dataclasses.fields(GANConfig)}
-    c = {k: v for k, v in ckpt["config"].items() if k in fields}
-    try:
-        c["sample_shape"] = tuple(c["sample_shape"])
-        return GANConfig(**c)
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{ckpt['path']}: its configuration is incomplete ({e})")
+    """The GANConfig a checked checkpoint was made with."""
+    return GANConfig(**dict(ckpt["config"], sample_shape=tuple(ckpt["config"]["sample_shape"])))
 
 
 # ====================================================================== evaluation
@@ -850,10 +1042,16 @@ def class_histogram_scores(predicted, classes=10):
 
 
 def memorisation_share(generated, train, typical):
-    """Share of generated images whose nearest training image is closer than `typical`."""
+    """Share of generated images whose nearest training image is closer than `typical`.
+
+    cdist finds the nearest image through a matrix product, whose round-off (larger on some
+    CPUs) would make an exact copy look a little apart; the distance to the one found is then
+    computed directly, so a copy is at distance 0 on every machine.
+    """
     g, t = generated.flatten(1).float(), train.flatten(1).float()
-    nearest = torch.cat([torch.cdist(chunk, t).min(1).values for chunk in g.split(256)])
-    return (nearest < typical).double().mean().item()
+    nearest = torch.cat([torch.cdist(chunk, t).argmin(1) for chunk in g.split(256)])
+    distance = (g - t[nearest]).norm(dim=1)
+    return (distance < typical).double().mean().item()
 
 
 @torch.random.fork_rng()  # its own random stream: a training run's stays untouched
@@ -897,10 +1095,17 @@ def load_digit_classifier(data_dir, log=print):
     return train_digit_classifier(data_dir, path, log)
 
 
-def check_evaluable(data_source):
+def check_evaluable(data_source, data_dir):
+    """Refuse early what evaluating could not finish: cifar, or MNIST files it would need later."""
     if data_source == "cifar":
         raise UserError("no offline feature extractor for CIFAR-10 is available here "
                         "(an Inception network would need downloaded weights); look at the sample grids")
+    if data_source == "mnist":
+        needed = ["train-images-idx3-ubyte", "t10k-images-idx3-ubyte"]
+        if not (Path(data_dir) / "mnist_classifier.pt").exists():  # the classifier is trained first
+            needed += ["train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"]
+        for name in needed:
+            find_mnist_file(data_dir, name)
 
 
 class Evaluator:
@@ -955,19 +1160,40 @@ def format_scores(scores):
 
 # ====================================================================== the run
 
+STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (Ctrl-C, SIGTERM, SIGHUP) outside the training loop."""
+
+
+@contextlib.contextmanager
+def signals_interrupt():
+    """SIGTERM and SIGHUP act as Ctrl-C does: the action in hand ends (main prints one line)."""
+    def interrupt(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+    previous = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 class StopRequest:
-    """SIGINT/SIGTERM set a flag the loop checks between iterations; a second Ctrl-C aborts at once."""
+    """In the training loop, a stop signal sets a flag that the loop checks between iterations
+    (it then writes a checkpoint); a second one aborts at once."""
 
     def __init__(self):
         self.signal = None
 
     def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
         return self
 
     def handle(self, signum, frame):
         if self.signal is not None:
-            raise KeyboardInterrupt
+            raise Interrupted(signal.Signals(signum).name)
         self.signal = signum
 
     def __exit__(self, *exc):
@@ -992,7 +1218,6 @@ def output_dirs(out_dir, data_source):
     try:
         for d in (samples, params):
             d.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(d)
             probe = d / f".write_test.{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
@@ -1001,14 +1226,60 @@ def output_dirs(out_dir, data_source):
     return samples, params
 
 
+@contextlib.contextmanager
+def lock_run_folder(params_dir):
+    """Hold an OS lock on the run's params folder while the run lasts (the OS drops it when the
+    process ends, even a killed one, so nothing stale is left): a second run there is refused
+    instead of mixing its files with this one's."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    path = Path(params_dir) / ".lock"
+    try:
+        lock = open(path, "a+")
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}")
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise UserError(f"{params_dir} is in use by another run (pid {lock.read().strip() or '?'}): "
+                            "wait for it to end, or give another --out_dir")
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        remove_stale_temporaries(params_dir)
+        remove_stale_temporaries(params_dir.parent / params_dir.name.replace("_params", "_samples"))
+        yield
+
+
 def make_config(args):
     cfg = CONFIGS[args.data_source]
     if cfg.is_image and (args.hidden_dim or args.g_sigmoid):
         raise UserError("--hidden_dim and --g_sigmoid apply to -d uniform only")
     overrides = {"passes": args.passes, "iters_per_pass": args.iters, "batch_size": args.batch_size, "lr": args.lr,
-                 "d_batch_norm": bool(args.d_batch_norm), "hidden_dim": args.hidden_dim,
-                 "g_sigmoid": bool(args.g_sigmoid)}
-    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+                 "d_batch_norm": args.d_batch_norm, "hidden_dim": args.hidden_dim, "g_sigmoid": args.g_sigmoid}
+    return dataclasses.replace(cfg, **{k: type(getattr(cfg, k))(v) for k, v in overrides.items() if v is not None})
+
+
+def write_stdout(line):
+    """print(line); a reader that went away (`| head`) silences stdout instead of ending the run."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # later writes, and the flush at exit, go nowhere
+        os.close(devnull)
+
+
+def write_stderr(line):
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        pass
 
 
 class Printer:
@@ -1023,7 +1294,7 @@ class Printer:
             if self.bar is not None:
                 self.bar.write(line)
             else:
-                print(line, flush=True)
+                write_stdout(line)
 
     def start_pass(self, pass_id, total, done):
         if self.show_bar:
@@ -1043,11 +1314,56 @@ class Printer:
             self.bar = None
 
 
-def set_threads(threads, cfg, device):
-    """CPU threads for torch: --threads, else 1 for the tiny uniform nets (their ops are too
-    small to share out: more threads only add synchronisation), else torch's default."""
-    if device.type == "cpu" and (threads or not cfg.is_image):
-        torch.set_num_threads(threads or 1)
+@dataclasses.dataclass(frozen=True)
+class Speed:
+    """How the iterations are computed: decided once at start-up, printed in one line, stored in
+    each checkpoint. None of it changes the mathematics (bf16 changes its precision); every
+    field can change the float rounding, so a run resumed with other values than it was made
+    with continues correctly but not bit for bit as an unbroken run would."""
+    device: str
+    threads: int
+    channels_last: bool
+    bf16: bool
+    cuda_graphs: bool
+    compile: bool
+
+    @classmethod
+    def decide(cls, args, cfg, device, saved=None):
+        """The speed options of this run: the flags given, else (bf16, layout) the run's own when
+        it resumes, else the defaults."""
+        # 1 thread for the tiny uniform nets (their ops are too small to share out: more threads
+        # only add synchronisation); images take torch's default, one per core.
+        threads = args.threads or (1 if not cfg.is_image else torch.get_num_threads())
+        return cls(
+            device=str(device),
+            threads=threads if device.type == "cpu" else torch.get_num_threads(),
+            # channels-last convolutions win on the CPU (the same arithmetic, summed in another
+            # order); on a GPU they have not been measured, so they stay opt-in there
+            channels_last=cfg.is_image and (bool(args.channels_last) if args.channels_last is not None
+                                            else saved.channels_last if saved else device.type == "cpu"),
+            bf16=bool(args.bf16) if args.bf16 is not None else bool(saved and saved.bf16),
+            # a graph replays an iteration's couple of hundred kernels in one launch
+            cuda_graphs=device.type == "cuda" and args.cuda_graphs != 0,
+            # compiled: the tiny uniform nets are all per-call overhead; the image nets are bound
+            # by their convolutions
+            compile=device.type == "cpu" and (bool(args.compile) if args.compile is not None else not cfg.is_image),
+        )
+
+    @classmethod
+    def from_dict(cls, d, need):
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        need(has_keys(d, fields) and all(type(d[k]) is t for k, t in fields.items()) and d["threads"] >= 1,
+             f"options.speed must be {{{', '.join(f'{k}: {t.__name__}' for k, t in fields.items())}}}")
+        return cls(**d)
+
+    def describe(self):
+        flags = [f"{name.replace('_', '-')} {'on' if value else 'off'}" for name, value in dataclasses.asdict(self).items()
+                 if type(value) is bool]
+        return f"{self.device}, {self.threads} thread{'s' * (self.threads > 1)}, " + ", ".join(flags)
+
+    def differences(self, other):
+        return [f"{k} {v} (the run: {getattr(other, k)})" for k, v in dataclasses.asdict(self).items()
+                if getattr(other, k) != v]
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
@@ -1057,10 +1373,10 @@ def keep_freed_memory():
     """Have glibc's malloc keep freed memory for reuse; True where the setting took.
 
     Each iteration frees and allocates the same activation tensors of a few MB. By default
-    glibc gives some of them back to the OS and takes them again page by page: about 10,000
-    page faults per mnist iteration on the CPU (README: Speed). Kept, the memory stays at its
-    peak, which the first iterations reach anyway. Does nothing off glibc. (There is no way
-    back: once set, glibc's self-adjusting thresholds stay off for the process.)
+    glibc gives some of them back to the OS and takes them again page by page, thousands of
+    page faults per mnist iteration on the CPU. Kept, the memory stays at its peak, which the
+    first iterations reach anyway. Does nothing off glibc. (There is no way back: once set,
+    glibc's self-adjusting thresholds stay off for the process.)
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -1073,61 +1389,65 @@ def keep_freed_memory():
     return bool(took_mmap and took_trim)
 
 
-def make_training(cfg, options, device):
+def make_training(cfg, speed, device):
     """G, D, their Adam optimizers and the autocast context for a configuration."""
     gen, dis = (net.to(device) for net in build_nets(cfg))
-    if options.get("channels_last") and cfg.is_image:
+    if speed.channels_last:
         gen, dis = gen.to(memory_format=torch.channels_last), dis.to(memory_format=torch.channels_last)
     # fused: the whole Adam update of a net in one kernel (the same arithmetic, summed in
     # another order); it is what makes the tiny uniform nets fast.
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999), fused=True)
     opt_d = torch.optim.Adam(dis.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999), fused=True)
-    return gen, dis, opt_g, opt_d, make_autocast(device, options.get("bf16"))
+    return gen, dis, opt_g, opt_d, make_autocast(device, speed.bf16)
 
 
 def make_autocast(device, bf16):
     if not bf16:
         return contextlib.nullcontext
     # no weight cache: it would not survive CUDA graph replay, and D's weights are cast twice at most
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+    return lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=False)
 
 
-def load_resume_checkpoint(args, params_dir, log):
-    """The checkpoint --resume names (or the newest), refusing one that would overwrite newer ones."""
+RESUME_KEEPS = (("--iters", "iters", "iters_per_pass"), ("--batch_size", "batch_size", "batch_size"),
+                ("--lr", "lr", "lr"), ("--hidden_dim", "hidden_dim", "hidden_dim"),
+                ("--d_batch_norm", "d_batch_norm", "d_batch_norm"), ("--g_sigmoid", "g_sigmoid", "g_sigmoid"))
+
+
+def load_resume_checkpoint(args, params_dir):
+    """The checkpoint --resume names (or the newest), and the metrics.jsonl beside it. Refused:
+    one older than the newest of its own folder (it would overwrite the newer ones), one from
+    elsewhere when this run's folder holds another run's files, flags that differ from it."""
     ckpt = load_checkpoint(args.resume or params_dir, args.data_source)
-    newer = [p for p in list_checkpoints(params_dir) if int(p.stem[5:]) > ckpt["pass"]]
-    if newer and ckpt["path"].parent.resolve() == params_dir.resolve():
-        raise UserError(f"{newer[-1]} is newer than {ckpt['path']}: resuming from the older one would "
-                        f"overwrite the newer ones; move them away first, or --resume from the newest")
-    ignored = [flag for flag, value in (("--iters", args.iters), ("--batch_size", args.batch_size),
-                                        ("--lr", args.lr), ("--seed", args.seed), ("--hidden_dim", args.hidden_dim))
-               if value is not None]
-    if ignored:
-        log(f"--resume continues with the checkpoint's configuration: {' '.join(ignored)} ignored")
-    return ckpt
-
-
-def resumed_config(args, ckpt):
-    """The checkpoint's configuration and options; --passes sets the run's new total."""
+    source = ckpt["path"].parent
+    if source.resolve() == params_dir.resolve():
+        newer = [p for p in list_checkpoints(params_dir) if int(p.stem[5:]) > ckpt["pass"]]
+        if newer:
+            raise UserError(f"{newer[-1]} is newer than {ckpt['path']}: resuming from the older one would "
+                            f"overwrite the newer ones; move them away first, or --resume from the newest")
+    elif list_checkpoints(params_dir) or (params_dir / "metrics.jsonl").exists():
+        raise UserError(f"{params_dir} holds another run's files: resuming {ckpt['path']} there would mix "
+                        "the two runs; give an --out_dir without them (the run continues there)")
     cfg = config_from_checkpoint(ckpt)
-    if args.passes is not None:
-        cfg = dataclasses.replace(cfg, passes=args.passes)
-    return cfg, ckpt["options"]
+    for flag, arg, field in RESUME_KEEPS:
+        given, kept = getattr(args, arg), getattr(cfg, field)
+        if given is not None and type(kept)(given) != kept:
+            raise UserError(f"{flag} {given} differs from the run's {kept}: a resumed run keeps its "
+                            "configuration (a new run, in another --out_dir, can change it)")
+    if args.seed is not None and args.seed != ckpt["options"]["seed"]:
+        raise UserError(f"--seed {args.seed} differs from the run's {ckpt['options']['seed']}: a resumed run keeps its seed")
+    return ckpt, source / "metrics.jsonl"
 
 
-def fresh_config(args, params_dir, device):
-    """Configuration and options of a new run; seeds every random generator."""
+def fresh_config(args, params_dir):
+    """Configuration and seed of a new run; seeds every random generator."""
     if list_checkpoints(params_dir):
         raise UserError(f"{params_dir} already holds checkpoints of a run: continue it with --resume, "
                         "or give another --out_dir (or remove them) to start afresh")
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
-    # channels-last convolutions win on the CPU (same arithmetic, summed in another order);
-    # on a GPU they have not been measured here, so they stay opt-in there.
-    channels_last = args.channels_last if args.channels_last is not None else device.type == "cpu"
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    return make_config(args), {"seed": seed, "bf16": bool(args.bf16), "channels_last": bool(channels_last)}
+    return make_config(args), seed
 
 
 class MetricsLog:
@@ -1143,61 +1463,89 @@ class MetricsLog:
             tmp.write_text("".join(json.dumps(m) + "\n" for m in self.lines))
 
     def __enter__(self):
-        self.file = open(self.path, "a")
+        try:
+            self.file = open(self.path, "a")
+        except OSError as e:
+            raise UserError(f"cannot write {self.path}: {e.strerror or e}")
         return self
 
     def __exit__(self, *exc):
-        self.file.close()
+        with contextlib.suppress(OSError):
+            self.file.close()
 
     def add(self, m):
         self.lines.append(m)
-        self.file.write(json.dumps(m) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(m) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise UserError(f"cannot write {self.path}: {e.strerror or e}")
 
 
-def metrics_until(path, ckpt):
-    """The metrics.jsonl lines up to a checkpoint: what the stopped run logged after it is dropped."""
-    kept = []
+def metrics_until(path, ckpt, log):
+    """The metrics.jsonl lines up to a checkpoint: what the stopped run logged after it is dropped,
+    and so are lines that are not metrics (cut short by a kill, or edited)."""
     if not path.exists():
-        return kept
+        return []
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}")
+    kept, odd = [], 0
     saved = (ckpt["pass"], ckpt["iteration"])
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             m = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-        at = (m["pass"], m["iteration"])
-        if at < saved or ("eval" in m and at == saved):  # an evaluation precedes its checkpoint
+            at = (m["pass"], m["iteration"])
+            if not all(is_int(v) for v in at):
+                raise TypeError
+        except (ValueError, TypeError, KeyError):
+            odd += line.strip() != ""
+            continue
+        if at < saved or ("eval" in m and at == saved):  # the evaluation after a pass belongs with its checkpoint
             kept.append(m)
+    if odd:
+        log(f"{path}: {odd} line{'s' * (odd > 1)} that are not metrics left out")
     return kept
 
 
 def train(args):
     log = Printer(args.quiet)
     if args.eval_every:
-        check_evaluable(args.data_source)
+        check_evaluable(args.data_source, args.data_dir)
     device = choose_device(args.use_gpu, args.gpu_id, log)
     samples_dir, params_dir = output_dirs(args.out_dir, args.data_source)
+    with lock_run_folder(params_dir):
+        run_training(args, log, device, samples_dir, params_dir)
+
+
+def run_training(args, log, device, samples_dir, params_dir):
 
     # --- configuration: the one the checkpoint was made with, or a fresh one
-    ckpt = load_resume_checkpoint(args, params_dir, log) if args.resume is not None else None
-    cfg, options = resumed_config(args, ckpt) if ckpt else fresh_config(args, params_dir, device)
-
-    # --- data, nets, optimizers
-    set_threads(args.threads, cfg, device)
-    if device.type == "cpu":
-        keep_freed_memory()
-    data = load_data(cfg, args.data_dir, device, options["seed"])
-    gen, dis, opt_g, opt_d, autocast = make_training(cfg, options, device)
+    ckpt, saved_speed, kept = None, None, []
+    if args.resume is not None:
+        ckpt, metrics_source = load_resume_checkpoint(args, params_dir)
+        cfg, seed = config_from_checkpoint(ckpt), ckpt["options"]["seed"]
+        if args.passes is not None:  # --passes sets the run's new total
+            cfg = dataclasses.replace(cfg, passes=args.passes)
+        saved_speed = Speed(**ckpt["options"]["speed"])
+        kept = metrics_until(metrics_source, ckpt, log)
+    else:
+        cfg, seed = fresh_config(args, params_dir)
     if args.cuda_graphs and device.type != "cuda":
         log("--cuda_graphs 1 needs a GPU: running eagerly")
     if args.compile and device.type != "cpu":
         log("--compile 1 is for the CPU: ignored on a GPU (where --cuda_graphs speeds the step up)")
-    cuda_graphs = device.type == "cuda" and args.cuda_graphs != 0  # 6.4x the plain port on an H100, eager 2.0x (README: Speed)
-    # compiled: 2x eager for the tiny uniform nets on the CPU; the image nets are bound by their convolutions
-    compiled = device.type == "cpu" and (args.compile if args.compile is not None else not cfg.is_image)
-    train_one = make_step(gen, dis, opt_g, opt_d, autocast, cuda_graphs, compiled=compiled, log=log)
-    memory_format = torch.channels_last if options["channels_last"] and cfg.is_image else torch.contiguous_format
+    speed = Speed.decide(args, cfg, device, saved_speed)
+
+    # --- data, nets, optimizers
+    if device.type == "cpu":
+        torch.set_num_threads(speed.threads)
+        keep_freed_memory()
+    data = load_data(cfg, args.data_dir, device, seed)
+    gen, dis, opt_g, opt_d, autocast = make_training(cfg, speed, device)
+    train_one = make_step(gen, dis, opt_g, opt_d, autocast, speed.cuda_graphs, compiled=speed.compile, log=log)
+    memory_format = torch.channels_last if speed.channels_last else torch.contiguous_format
     # Fixed noise for the per-pass pictures, so that passes compare: whole batches,
     # enough for 64 images or 1024 points.
     shown = 64 if cfg.is_image else 1024
@@ -1205,11 +1553,9 @@ def train(args):
     logs = {"dis": TrainerLog("discriminator", cfg.batch_size), "gen": TrainerLog("generator", cfg.batch_size)}
     schedule, start_pass, start_iter, steps, elapsed0 = Schedule(), 0, 0, {"dis": 0, "gen": 0}, 0.0
 
-    metrics_path = params_dir / "metrics.jsonl"
-    kept = []
     if ckpt is not None:
-        load_weights(gen, ckpt["generator"], "generator", ckpt["path"])
-        load_weights(dis, ckpt["discriminator"], "discriminator", ckpt["path"])
+        gen.load_state_dict(ckpt["generator"])
+        dis.load_state_dict(ckpt["discriminator"])
         opt_g.load_state_dict(ckpt["opt_g"])
         opt_d.load_state_dict(ckpt["opt_d"])
         fixed_noise = ckpt["fixed_noise"].to(device)
@@ -1221,9 +1567,12 @@ def train(args):
         if start_iter >= cfg.iters_per_pass:
             start_pass, start_iter = start_pass + 1, 0
         set_rng_state(ckpt["rng"])
-        kept = metrics_until(metrics_path, ckpt)
         log(f"resuming {ckpt['path']} at pass {start_pass} iteration {start_iter} of {cfg.passes} passes")
-    metrics = MetricsLog(metrics_path, kept)
+        changed = speed.differences(saved_speed)
+        if changed:
+            log(f"note: resuming with {', '.join(changed)}: the run goes on correctly, but its numbers "
+                "will not be bit-identical to an unbroken run's")
+    metrics = MetricsLog(params_dir / "metrics.jsonl", kept)
     if start_pass >= cfg.passes:
         log(f"nothing to do: the run already has {cfg.passes} passes (raise --passes to go on)")
         return
@@ -1233,10 +1582,11 @@ def train(args):
         evaluator = Evaluator(cfg, args.data_dir, data, log)
 
     def checkpoint(pass_id, iteration):
-        state = {"generator": gen.state_dict(), "discriminator": dis.state_dict(),
+        state = {"format": CHECKPOINT_FORMAT, "generator": gen.state_dict(), "discriminator": dis.state_dict(),
                  "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "rng": rng_state(),
                  "pass": pass_id, "iteration": iteration, "schedule": dataclasses.asdict(schedule),
-                 "fixed_noise": fixed_noise.cpu(), "config": cfg.to_dict(), "options": options,
+                 "fixed_noise": fixed_noise.cpu(), "config": cfg.to_dict(),
+                 "options": {"seed": seed, "speed": dataclasses.asdict(speed)},
                  "trainer_logs": {k: v.state_dict() for k, v in logs.items()}, "steps": dict(steps),
                  "elapsed": elapsed0 + time.time() - t0}
         path = checkpoint_path(params_dir, pass_id)
@@ -1244,7 +1594,8 @@ def train(args):
         return path
 
     log(f"training {cfg.data_source} on {device}: {cfg.passes} passes of {cfg.iters_per_pass} iterations, "
-        f"batch {cfg.batch_size}, lr {cfg.lr:g}, seed {options['seed']}")
+        f"batch {cfg.batch_size}, lr {cfg.lr:g}, seed {seed}")
+    log(f"speed: {speed.describe()}")
 
     def draw_plots(passes_done):
         nonlocal plotted
@@ -1261,12 +1612,12 @@ def train(args):
                     trainer_log.reset_pass()
             log.start_pass(pass_id, cfg.iters_per_pass, start_iter)
             t_pass, first_iter = time.time(), start_iter
-            batches = real_batches(data, cfg.batch_size, options["seed"], pass_id, start_iter)
+            batches = real_batches(data, cfg.batch_size, seed, pass_id, start_iter)
             for i in range(start_iter, cfg.iters_per_pass):
                 if stop.signal is not None:
                     log.end_pass()
+                    path = checkpoint(pass_id, i)  # first: nothing optional may cost it
                     draw_plots(pass_id)
-                    path = checkpoint(pass_id, i)
                     raise SystemExit(_interrupted(f"{signal.Signals(stop.signal).name}: stopped at pass {pass_id} "
                                                   f"iteration {i}; checkpoint {path}; continue with --resume"))
                 x = next(batches)
@@ -1276,9 +1627,9 @@ def train(args):
                 step = train_one(x, z, schedule)
                 if not step.net:
                     log.end_pass()
-                    draw_plots(pass_id)
                     last = list_checkpoints(params_dir)
                     kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+                    draw_plots(pass_id)
                     raise UserError(f"non-finite loss at pass {pass_id} iteration {i} "
                                     f"(d_loss={step.d_loss:g}, g_loss={step.values[2]:g}); stopping: {kept}")
                 schedule = advance(schedule, step.net)
@@ -1298,8 +1649,18 @@ def train(args):
             log.end_pass()
             start_iter = 0
 
-            # --- end of pass: pictures, checkpoint, plots
+            # --- end of pass: the checkpoint first, then evaluation, picture, plots
             seconds = time.time() - t_pass
+            path = checkpoint(pass_id, cfg.iters_per_pass)
+            if evaluator is not None and (pass_id + 1) % args.eval_every == 0:
+                # Own random generator: evaluating must not change the training's random stream.
+                rng = torch.Generator().manual_seed(seed + pass_id)
+                noise = torch.randn(args.samples, cfg.noise_dim, generator=rng).to(device)
+                scores = evaluator.score(generate_samples(gen, noise, cfg.batch_size, rng))
+                log(f"Pass={pass_id} eval: {format_scores(scores)}")
+                m = {"pass": pass_id, "iteration": cfg.iters_per_pass, "step": (pass_id + 1) * cfg.iters_per_pass,
+                     "seconds": round(elapsed0 + time.time() - t0, 3), "eval": scores}
+                metrics.add(m)
             samples = generate_samples(gen, fixed_noise, cfg.batch_size)
             picture = samples_dir / f"train_pass{pass_id}.png"
             stats = ""
@@ -1307,19 +1668,8 @@ def train(args):
                 mean, std = samples.mean(0).tolist(), samples.std(0).tolist()
                 stats = f"; generated mean [{mean[0]:.4f} {mean[1]:.4f}] std [{std[0]:.4f} {std[1]:.4f}]"
             save_samples(samples, picture, title=f"{cfg.data_source} pass {pass_id}")
-            if evaluator is not None and (pass_id + 1) % args.eval_every == 0:
-                # Own random generator: evaluating must not change the training's random stream.
-                rng = torch.Generator().manual_seed(options["seed"] + pass_id)
-                noise = torch.randn(args.samples, cfg.noise_dim, generator=rng).to(device)
-                scores = evaluator.score(generate_samples(gen, noise, cfg.batch_size, rng))
-                log(f"Pass={pass_id} eval: {format_scores(scores)}")
-                m = {"pass": pass_id, "iteration": cfg.iters_per_pass, "step": (pass_id + 1) * cfg.iters_per_pass,
-                     "seconds": round(elapsed0 + time.time() - t0, 3), "eval": scores}
-                metrics.add(m)
-            path = checkpoint(pass_id, cfg.iters_per_pass)
             # The plots are redrawn after a pass, but not more often than every PLOT_PERIOD seconds
-            # (they take 0.3 s late in a run: fast GPU passes would spend a sixth of their time on
-            # them, uniform on the CPU 5%), and at the end.
+            # (late in a run they take long enough to slow fast passes down), and at the end.
             if time.time() - plotted >= PLOT_PERIOD or pass_id + 1 == cfg.passes or stop.signal is not None:
                 draw_plots(pass_id + 1)
             done = cfg.iters_per_pass - first_iter
@@ -1332,7 +1682,7 @@ def train(args):
 
 
 def _interrupted(message):
-    print(message, file=sys.stderr, flush=True)
+    write_stderr(message)
     return 130
 
 
@@ -1353,44 +1703,53 @@ def load_generator(args, device):
     ckpt = load_checkpoint(args.params or params_dir, args.data_source)
     cfg = config_from_checkpoint(ckpt)
     gen, _ = build_nets(cfg)
-    load_weights(gen, ckpt["generator"], "generator", ckpt["path"])
+    gen.load_state_dict(ckpt["generator"])
     return cfg, gen.to(device), ckpt["path"]
+
+
+def output_stem(output, default):
+    """FILE of --output FILE (FILE.npy and FILE.png are written); a folder is refused."""
+    out = Path(output or default)
+    if out.suffix in (".npy", ".png"):
+        out = out.with_suffix("")
+    if out.name in ("", ".", "..") or out.is_dir():
+        raise UserError(f"--output {output} is a folder: give a file name, such as {out / 'generated'} "
+                        "(FILE.npy and FILE.png are written)")
+    return out
 
 
 def generate(args):
     """The tutorial's last step: noise through the trained G; writes FILE.npy and FILE.png."""
-    device = choose_device(args.use_gpu, args.gpu_id, print)
+    device = choose_device(args.use_gpu, args.gpu_id, write_stdout)
+    out = output_stem(args.output, Path(args.out_dir) / f"{args.data_source}_samples" / "generated")
     cfg, gen, path = load_generator(args, device)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     samples = generate_samples(gen, torch.randn(args.generate, cfg.noise_dim, device=device), cfg.batch_size)
     samples = samples.clamp(-1, 1) if cfg.is_image else samples
-    out = Path(args.output or Path(args.out_dir) / f"{cfg.data_source}_samples" / "generated")
-    if out.suffix in (".npy", ".png"):
-        out = out.with_suffix("")
     npy, png = out.with_name(out.name + ".npy"), out.with_name(out.name + ".png")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(npy) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, samples.cpu().numpy().astype(np.float32))
-        save_samples(samples, png, title=f"{args.generate} samples from {path.name}")
     except OSError as e:
-        raise UserError(f"cannot write {npy} / {png}: {e.strerror or e}")
-    print(f"wrote {args.generate} samples of shape {tuple(samples.shape[1:])} from {path} to {npy} and {png}")
+        raise UserError(f"cannot make the folder {out.parent}: {e.strerror or e}")
+    with atomic_path(npy) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, samples.cpu().numpy().astype(np.float32))
+    save_samples(samples, png, title=f"{args.generate} samples from {path.name}")
+    write_stdout(f"wrote {args.generate} samples of shape {tuple(samples.shape[1:])} from {path} to {npy} and {png}")
 
 
 def evaluate(args):
     """Score a trained generator offline (see the README for what each figure means)."""
-    check_evaluable(args.data_source)
-    device = choose_device(args.use_gpu, args.gpu_id, print)
+    check_evaluable(args.data_source, args.data_dir)
+    device = choose_device(args.use_gpu, args.gpu_id, write_stdout)
     cfg, gen, path = load_generator(args, device)
     torch.manual_seed(args.seed if args.seed is not None else 0)
     data = load_data(cfg, args.data_dir, torch.device("cpu")) if cfg.data_source != "uniform" else None
-    evaluator = Evaluator(cfg, args.data_dir, data)
+    evaluator = Evaluator(cfg, args.data_dir, data, write_stdout)
     samples = generate_samples(gen, torch.randn(args.samples, cfg.noise_dim, device=device), cfg.batch_size)
-    print(f"{path}: {args.samples} samples: {format_scores(evaluator.score(samples))}")
-    print(f"real data (floor): {format_scores(evaluator.floor(args.samples))}")
+    write_stdout(f"{path}: {args.samples} samples: {format_scores(evaluator.score(samples))}")
+    write_stdout(f"real data (floor): {format_scores(evaluator.floor(args.samples))}")
 
 
 # ====================================================================== command line
@@ -1461,15 +1820,17 @@ def build_parser():
     g.add_argument("--eval_every", type=non_negative_int, default=0, metavar="K",
                    help="score the generator every K passes (0: never); see --evaluate")
     r = p.add_argument_group("opt-in remedies (defaults: the tutorial's nets)")
-    r.add_argument("--d_batch_norm", type=int, default=1, choices=[0, 1], help="0: D without batch norm")
+    r.add_argument("--d_batch_norm", type=int, choices=[0, 1], help="0: D without batch norm (default 1)")
     r.add_argument("--hidden_dim", type=positive_int, metavar="N", help="uniform: width of both nets (10)")
-    r.add_argument("--g_sigmoid", type=int, default=0, choices=[0, 1], help="uniform: G ends in a sigmoid")
+    r.add_argument("--g_sigmoid", type=int, choices=[0, 1], help="uniform: 1: G ends in a sigmoid (default 0)")
     s = p.add_argument_group("speed (none changes what is computed beyond float rounding, except --bf16)")
-    s.add_argument("--bf16", type=int, default=0, choices=[0, 1], help="bfloat16 autocast for the nets")
+    s.add_argument("--bf16", type=int, choices=[0, 1],
+                   help="bfloat16 autocast for the nets (default 0; with --resume: the run's own)")
     s.add_argument("--threads", type=non_negative_int, default=0, metavar="N",
                    help="CPU threads (0: 1 for uniform, torch's default for images)")
     s.add_argument("--channels_last", type=int, choices=[0, 1],
-                   help="channels-last memory layout for the image nets (default: 1 on the CPU, 0 on a GPU)")
+                   help="channels-last memory layout for the image nets (default: 1 on the CPU, 0 on a GPU; "
+                        "with --resume: the run's own)")
     s.add_argument("--cuda_graphs", type=int, choices=[0, 1],
                    help="replay each iteration's kernels from CUDA graphs (default: 1 on a GPU; CPU: not available)")
     s.add_argument("--compile", type=int, choices=[0, 1],
@@ -1483,21 +1844,71 @@ def build_parser():
     return p
 
 
+# Which flags each action reads; giving one to an action that does not read it is an error.
+TRAINING_ONLY = ("passes", "iters", "batch_size", "lr", "resume", "keep", "quiet", "eval_every", "d_batch_norm",
+                 "hidden_dim", "g_sigmoid", "bf16", "threads", "channels_last", "cuda_graphs", "compile")
+APPLYING_ONLY = ("params",)
+
+
+def given_flags(argv):
+    """The dests of the flags given on the command line (defaults left out)."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
+def check_flags_apply(args, given):
+    def flag(dest):
+        return "--" + dest
+    if args.generate is not None and args.evaluate:
+        raise UserError("--generate and --evaluate are two actions: give one")
+    action = "--generate" if args.generate is not None else "--evaluate" if args.evaluate else None
+    for dest in sorted(given):
+        if action and dest in TRAINING_ONLY:
+            raise UserError(f"{flag(dest)} does not apply to {action}: it is a training flag")
+        if not action and dest in APPLYING_ONLY:
+            raise UserError(f"{flag(dest)} names the checkpoint for --generate / --evaluate; "
+                            "training continues from one with --resume PATH")
+        if dest == "output" and action != "--generate":
+            raise UserError("--output applies to --generate only")
+        if dest == "data_dir" and action == "--generate":
+            raise UserError("--data_dir does not apply to --generate: it needs the checkpoint only")
+        if dest == "samples" and not (action == "--evaluate" or (not action and args.eval_every)):
+            raise UserError("--samples applies to --evaluate and to training with --eval_every")
+
+
+def out_of_memory(e):
+    """The allocation failure in e, in words, or None."""
+    if isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))):
+        return in_one_line(e)
+    found = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", str(e))
+    return f"{int(found.group(1)) / 2 ** 30:.1f} GiB could not be allocated" if found else None
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
     try:
-        if args.generate is not None:
-            generate(args)
-        elif args.evaluate:
-            evaluate(args)
-        else:
-            train(args)
+        with signals_interrupt():
+            args = build_parser().parse_args(argv)
+            check_flags_apply(args, given_flags(sys.argv[1:] if argv is None else argv))
+            if args.generate is not None:
+                generate(args)
+            elif args.evaluate:
+                evaluate(args)
+            else:
+                train(args)
     except UserError as e:
-        print(f"gan_trainer.py: error: {e}", file=sys.stderr)
+        write_stderr(f"gan_trainer.py: error: {e}")
         return 1
-    except KeyboardInterrupt:
-        print("gan_trainer.py: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        write_stderr(f"gan_trainer.py: interrupted{f' ({e})' if str(e) else ''}")
         return 130
+    except (RuntimeError, MemoryError) as e:
+        if not out_of_memory(e):
+            raise
+        write_stderr(f"gan_trainer.py: error: out of memory: {out_of_memory(e)}; ask for less "
+                     "(--generate N, --samples N, --batch_size, --hidden_dim)")
+        return 1
     return 0
 
 

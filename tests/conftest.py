@@ -35,11 +35,12 @@ MNIST_IMAGES = "train-images-idx3-ubyte"
 # ------------------------------------------------------------------ running the program
 
 def eager(args):
-    """args with --compile 0 unless they choose: compiling the uniform step (the CPU default) costs
+    """Training args with --compile 0 unless they choose: compiling the uniform step (the CPU default) costs
     seconds per run, so runs are eager unless a test is about the compiled step
     (tests/test_compiled_step.py), which equals the eager one to float rounding."""
     args = [str(a) for a in args]
-    return args if any(a.split("=")[0] == "--compile" for a in args) else args + ["--compile", "0"]
+    applying = any(a.split("=")[0] in ("--compile", "--generate", "--evaluate") for a in args)
+    return args if applying else args + ["--compile", "0"]
 
 
 def cli_args(*args):
@@ -112,7 +113,7 @@ def make_mnist_dir(root, n=200, seed=0, gz=False, images=None):
 def cifar_batch_bytes(rows, labels=None):
     labels = list(labels if labels is not None else [0] * len(rows))
     return pickle.dumps({b"batch_label": b"training batch", b"labels": labels, b"data": rows,
-                         b"filenames": [b"x.png"] * len(rows)}, protocol=2)
+                         b"filenames": [b"x.png"] * len(rows)}, protocol=4)
 
 
 def make_cifar_dir(root, per_batch=40, seed=0, row_bytes=3072):

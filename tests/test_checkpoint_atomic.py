@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 import gan_trainer
@@ -111,13 +112,11 @@ def test_sigkill_during_checkpoint_writes(tmp_path):
 def test_atomic_path_leaves_the_old_file_when_the_writer_fails(tmp_path):
     target = tmp_path / "pass_3.pt"
     torch.save({"version": "old"}, target)
-    try:
+    with pytest.raises(gan_trainer.UserError, match=f"cannot write {target}: disk full"):
         with gan_trainer.atomic_path(target) as tmp:
             assert tmp.parent == target.parent and tmp != target
             tmp.write_bytes(b"half a checkp")
-            raise OSError("disk full")
-    except OSError:
-        pass
+            raise OSError(28, "disk full")
     assert torch.load(target, weights_only=True) == {"version": "old"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pass_3.pt"]
 

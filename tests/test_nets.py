@@ -65,11 +65,11 @@ def test_uniform_parameter_counts():
 
 def test_mnist_parameter_counts():
     gen, dis = nets("mnist")
-    # G: z 100 -> fc 256*3*3, bn 256 -> deconv 3->7 (k5) to 128, bn -> deconv 7->14 (k4) to 64, bn
-    #    -> deconv 14->28 (k4) to 1
-    expected_g = (fc(100, 256 * 3 * 3) + bn(256) + conv(256, 128, 5) + bn(128) + conv(128, 64, 4) + bn(64)
-                  + conv(64, 1, 4))
-    assert n_params(gen) == expected_g == 1185089
+    # G: z 100 -> fc 256*3*3, bn per unit (2304) -> deconv 3->7 (k5) to 128, bn -> deconv 7->14 (k4)
+    #    to 64, bn -> deconv 14->28 (k4) to 1
+    expected_g = (fc(100, 256 * 3 * 3) + bn(256 * 3 * 3) + conv(256, 128, 5) + bn(128) + conv(128, 64, 4)
+                  + bn(64) + conv(64, 1, 4))
+    assert n_params(gen) == expected_g == 1189185
     # D: conv 28->14 (k4) to 64 -> conv 14->7 (k4) to 128, bn -> conv 7->3 (k5) to 256, bn -> fc 2
     expected_d = conv(1, 64, 4) + conv(64, 128, 4) + bn(128) + conv(128, 256, 5) + bn(256) + fc(256 * 3 * 3, 2)
     assert n_params(dis) == expected_d == 957122
@@ -78,11 +78,27 @@ def test_mnist_parameter_counts():
 def test_cifar_parameter_counts():
     gen, dis = nets("cifar")
     # every (transposed) conv maps 4<->8<->16<->32 with kernel 4
-    expected_g = (fc(100, 256 * 4 * 4) + bn(256) + conv(256, 128, 4) + bn(128) + conv(128, 64, 4) + bn(64)
-                  + conv(64, 3, 4))
-    assert n_params(gen) == expected_g == 1073219
+    expected_g = (fc(100, 256 * 4 * 4) + bn(256 * 4 * 4) + conv(256, 128, 4) + bn(128) + conv(128, 64, 4)
+                  + bn(64) + conv(64, 3, 4))
+    assert n_params(gen) == expected_g
     expected_d = conv(3, 64, 4) + conv(64, 128, 4) + bn(128) + conv(128, 256, 4) + bn(256) + fc(256 * 4 * 4, 2)
     assert n_params(dis) == expected_d == 667842
+
+
+@pytest.mark.parametrize("source, units", [("mnist", 2304), ("cifar", 4096)])
+def test_first_generator_batch_norm_is_per_unit_before_the_reshape(source, units):
+    # Paddle's batch_norm_layer on the fc output: one scale and shift per unit, each unit
+    # normalised over the batch (design/original.md), not per channel after the reshape.
+    gen, _ = nets(source)
+    first_bn = next(m for m in gen.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)))
+    assert isinstance(first_bn, nn.BatchNorm1d) and first_bn.num_features == units
+    with torch.no_grad():
+        fc_out = gen.fc[0](torch.randn(32, 100))
+        normed = first_bn(fc_out)
+    # every unit has mean 0 and variance 1 over the batch (weight ~ 1, bias 0 at init)
+    scaled = (normed - first_bn.bias) / first_bn.weight
+    assert scaled.mean(0).abs().max() < 1e-4
+    assert (scaled.var(0, unbiased=False) - 1).abs().max() < 1e-2
 
 
 def test_activations_are_plain_relu():
@@ -183,10 +199,11 @@ def test_image_init(source):
             assert abs(m.weight.mean().item()) < 0.004
             if m.weight.numel() >= 4000:
                 assert 0.018 < m.weight.std().item() < 0.022
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                assert torch.equal(m.bias, torch.zeros_like(m.bias))
-                assert (m.weight - 1).abs().max() < 0.1
+        norms = [m for m in net.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+        assert len(norms) == (3 if net is gen else 2)
+        for m in norms:
+            assert torch.equal(m.bias, torch.zeros_like(m.bias))
+            assert (m.weight - 1).abs().max() < 0.1
 
 
 def test_configs_match_the_tutorial():
@@ -231,7 +248,7 @@ def test_first_mnist_deconv_under_cpu_bf16_is_the_adjoint_path_with_nns_numbers(
     the very same gradients, the same layout."""
     torch.manual_seed(0)
     gen, _ = nets("mnist")
-    layer = gen.convs[2].to(memory_format=layout)
+    layer = gen.convs[0].to(memory_format=layout)
     y, expected, got, want = bf16_against_nn(layer, torch.randn(8, 256, 3, 3).contiguous(memory_format=layout))
     assert type(y.grad_fn).__name__ == "AdjointConvTransposeBackward"
     assert y.shape == (8, 128, 7, 7) and y.is_contiguous(memory_format=layout)
@@ -260,9 +277,9 @@ def test_adjoint_path_matches_nn_for_other_geometries(kwargs, size):
 def test_deconvs_take_nns_path_in_fp32_and_when_the_kernel_is_smaller_than_the_map():
     gen, _ = nets("mnist")
     h = torch.randn(8, 256, 3, 3)
-    assert gen.convs[2](h).grad_fn.name() == "ConvolutionBackward0"  # fp32: nn's own
+    assert gen.convs[0](h).grad_fn.name() == "ConvolutionBackward0"  # fp32: nn's own
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert gen.convs[5](torch.randn(8, 128, 7, 7)).grad_fn.name() == "ConvolutionBackward0"  # kernel 4 < 7
+        assert gen.convs[3](torch.randn(8, 128, 7, 7)).grad_fn.name() == "ConvolutionBackward0"  # kernel 4 < 7
         wide = gan_conf.ConvTranspose2d(8, 4, 3)  # covers the height of a 3 x 8 map, not its width
         assert wide(torch.randn(2, 8, 3, 8)).grad_fn.name() == "ConvolutionBackward0"
-        assert gen.convs[2](h, output_size=(7, 7)).grad_fn.name() == "ConvolutionBackward0"
+        assert gen.convs[0](h, output_size=(7, 7)).grad_fn.name() == "ConvolutionBackward0"
