@@ -14,6 +14,7 @@ import ctypes
 import dataclasses
 import functools
 import gzip
+import io
 import itertools
 import json
 import logging
@@ -797,11 +798,10 @@ def list_checkpoints(params_dir):
 
 def save_checkpoint(path, state, keep):
     """Write atomically, then prune all but the newest `keep` (0 keeps all)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # in memory first: a failed file write is then an OSError that says why
     with atomic_path(path) as tmp:
-        try:
-            torch.save(state, tmp)
-        except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) so
-            raise OSError(in_one_line(e)) from e
+        tmp.write_bytes(buffer.getbuffer())
     if keep > 0:
         for old in list_checkpoints(path.parent)[:-keep]:
             if old != path:

@@ -4,6 +4,7 @@ Nothing here downloads anything or reads the real data: MNIST IDX files and CIFA
 python batches are written by the fixtures themselves.
 """
 import gzip
+import io
 import os
 import pickle
 import shutil
@@ -110,10 +111,32 @@ def make_mnist_dir(root, n=200, seed=0, gz=False, images=None):
     return Path(root)
 
 
+class Python2Pickler(pickle._Pickler):
+    """Pickles as Python 2's cPickle wrote CIFAR-10 (protocol 2, byte strings as str), so the
+    fixtures hold what the real batches hold: no _codecs calls, which the trainer refuses."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_str_as_python2(self, obj):
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_str_as_python2
+
+
+def python2_pickle(obj):
+    f = io.BytesIO()
+    Python2Pickler(f, protocol=2).dump(obj)
+    return f.getvalue()
+
+
 def cifar_batch_bytes(rows, labels=None):
     labels = list(labels if labels is not None else [0] * len(rows))
-    return pickle.dumps({b"batch_label": b"training batch", b"labels": labels, b"data": rows,
-                         b"filenames": [b"x.png"] * len(rows)}, protocol=4)
+    return python2_pickle({b"batch_label": b"training batch", b"labels": labels, b"data": rows,
+                           b"filenames": [b"x.png"] * len(rows)})
 
 
 def make_cifar_dir(root, per_batch=40, seed=0, row_bytes=3072):

@@ -1,11 +1,13 @@
 """Bad input: each is refused with a non-zero exit and exactly one line on stderr, no traceback."""
+import shutil
+import time
 import warnings
 
 import numpy as np
 import pytest
 
 from conftest import (MNIST_IMAGES, assert_one_line_error, cifar_batch_bytes, idx_bytes, make_cifar_dir,
-                      make_mnist_dir, mnist_images, run_main)
+                      make_mnist_dir, mnist_images, run_cli, run_main)
 
 
 def train_argv(source, data_dir, out_dir, *extra):
@@ -184,3 +186,99 @@ def test_a_pickle_that_would_call_a_function_is_refused_in_one_line(tmp_path, ca
     (params / "pass_0.pt").write_bytes(pickle.dumps(_RaisesWithoutMessage(), protocol=4))
     code, out, err = run_main(["-d", "uniform", "--use_gpu", 0, "--out_dir", tmp_path, "--generate", 4], capsys)
     assert_one_line_error(code, err, "pass_0.pt", "refused", "could run code")
+
+
+def test_a_gzip_damaged_inside_its_stream_is_refused(tmp_path, capsys):
+    """Not cut short (that is EOFError) but corrupt: zlib's own errors are one line too."""
+    data = make_mnist_dir(tmp_path / "data", n=200, gz=True)
+    f = data / "mnist_data" / (MNIST_IMAGES + ".gz")
+    raw = bytearray(f.read_bytes())
+    raw[30:4000] = bytes(len(raw[30:4000]))  # zeros inside the deflate stream, length unchanged
+    f.write_bytes(bytes(raw))
+    code, out, err = run_main(train_argv("mnist", data, tmp_path / "out"), capsys)
+    assert_one_line_error(code, err, MNIST_IMAGES + ".gz", "get_mnist_data.sh")
+
+
+def test_odd_metrics_lines_are_left_out_on_resume(tmp_path, capsys):
+    argv = ["-d", "uniform", "--use_gpu", 0, "--batch_size", 16, "--iters", 101, "--seed", 1, "--quiet",
+            "--out_dir", tmp_path]
+    assert run_main([*argv, "--passes", 1], capsys)[0] == 0
+    metrics = tmp_path / "uniform_params" / "metrics.jsonl"
+    good = metrics.read_text()
+    with open(metrics, "ab") as f:
+        f.write(b'[1, 2]\n{"pass": "x", "iteration": 1}\n"text"\n{"iteration": 3}\n\xff\xfe garbage\n{"pass": 0\n')
+    code, out, err = run_main([*argv, "--resume", "--passes", 2], capsys)
+    assert code == 0, err
+    assert "6 lines that are not metrics left out" in out
+    lines = metrics.read_text().splitlines()
+    assert "\n".join(lines[:2]) + "\n" == good and [m.count('"pass": 1') for m in lines[2:]] == [1, 1]
+
+
+@pytest.mark.parametrize("output", ["/", ".", "..", "some_folder"])
+def test_generate_output_that_is_a_folder_is_refused(uniform_run, tmp_path, capsys, monkeypatch, output):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "some_folder").mkdir()
+    code, out, err = run_main(["-d", "uniform", "--use_gpu", 0, "--generate", 4, "--output", output,
+                               "--params", uniform_run.params("uniform") / "pass_1.pt"], capsys)
+    assert_one_line_error(code, err, f"--output {output} is a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["some_folder"]
+
+
+def overcommits_everything():
+    try:
+        return open("/proc/sys/vm/overcommit_memory").read().strip() == "1"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(overcommits_everything(), reason="this kernel grants any allocation, then kills on use")
+@pytest.mark.parametrize("argv", [
+    ["--hidden_dim", 100000, "--passes", 1, "--iters", 1],  # one 10^10-weight layer: 40 GB
+    ["--generate", 1_000_000_000],                           # 400 GB of noise
+], ids=["hidden_dim", "generate"])
+def test_an_allocation_that_fails_ends_in_one_line(uniform_run, tmp_path, argv):
+    extra = ["--params", uniform_run.params("uniform") / "pass_1.pt"] if "--generate" in argv else ["--out_dir", tmp_path]
+    proc = run_cli("-d", "uniform", "--use_gpu", 0, *argv, *extra)
+    assert_one_line_error(proc.returncode, proc.stderr, "out of memory", "GiB")
+
+
+def test_evaluate_checks_the_test_files_before_training_its_classifier(mnist_run, tmp_path, capsys):
+    data = make_mnist_dir(tmp_path / "data", n=200)  # training images only: no labels, no test files
+    started = time.time()
+    code, out, err = run_main(["-d", "mnist", "--use_gpu", 0, "--evaluate", "--data_dir", data,
+                               "--params", mnist_run.params("mnist") / "pass_1.pt"], capsys)
+    assert_one_line_error(code, err, "t10k-images-idx3-ubyte", "get_mnist_data.sh")
+    assert "classifier" not in out and time.time() - started < 30
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--generate", 4, "--evaluate"], "two actions"),
+    (["--generate", 4, "--resume"], "--resume does not apply to --generate"),
+    (["--generate", 4, "--passes", 3], "--passes does not apply to --generate"),
+    (["--evaluate", "--bf16", 1], "--bf16 does not apply to --evaluate"),
+    (["--evaluate", "--output", "x"], "--output applies to --generate only"),
+    (["--generate", 4, "--data_dir", "data"], "--data_dir does not apply to --generate"),
+    (["--params", "x.pt"], "--params names the checkpoint for --generate / --evaluate"),
+    (["--passes", 1, "--output", "x"], "--output applies to --generate only"),
+    (["--passes", 1, "--samples", 100], "--samples applies to --evaluate and to training with --eval_every"),
+])
+def test_flags_that_do_not_apply_to_the_action_are_refused(tmp_path, capsys, argv, says):
+    code, out, err = run_main(["-d", "uniform", "--use_gpu", 0, "--out_dir", tmp_path, *argv], capsys)
+    assert_one_line_error(code, err, says)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_refuses_flags_that_would_change_the_run(uniform_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(uniform_run.out, out)
+    for flag, value, says in (("--lr", 0.1, "--lr 0.1 differs from the run's 0.0001"),
+                              ("--batch_size", 32, "--batch_size 32 differs from the run's 16"),
+                              ("--seed", 9, "--seed 9 differs from the run's 1"),
+                              ("--g_sigmoid", 1, "--g_sigmoid 1 differs from the run's False")):
+        code, _, err = run_main(["-d", "uniform", "--use_gpu", 0, "--out_dir", out, "--resume", "--passes", 3,
+                                 flag, value], capsys)
+        assert_one_line_error(code, err, says, "keeps its")
+    # the run's own values, given again, are fine
+    code, _, err = run_main(["-d", "uniform", "--use_gpu", 0, "--out_dir", out, "--resume", "--passes", 3,
+                             "--batch_size", 16, "--iters", 101, "--seed", 1, "--quiet"], capsys)
+    assert code == 0, err

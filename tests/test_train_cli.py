@@ -1,6 +1,5 @@
 """Training from the command line: exit status, the tutorial's log lines, files written."""
 import json
-import pickle
 import re
 import subprocess
 import sys
@@ -11,7 +10,8 @@ import torch
 from PIL import Image
 
 import gan_trainer
-from conftest import CLI_ENV, MNIST_IMAGES, REPO, idx_bytes, load_ckpt, make_cifar_dir, make_mnist_dir, mnist_images, run_main
+from conftest import (CLI_ENV, MNIST_IMAGES, REPO, idx_bytes, load_ckpt, make_cifar_dir, make_mnist_dir,
+                      mnist_images, python2_pickle, run_main)
 
 D_POS_LINE = re.compile(r"^d_pos_loss is [0-9.e+-]+     d_neg_loss is [0-9.e+-]+$")
 D_LOSS_LINE = re.compile(r"^d_loss is [0-9.e+-]+    g_loss is [0-9.e+-]+$")
@@ -136,7 +136,7 @@ def test_load_cifar_reads_channel_major_rows(tmp_path):
     for k in range(1, 6):
         r = np.zeros((2, 3072), np.uint8)
         r[:, :1024], r[:, 1024:2048], r[:, 2048:] = 10 * k, 100, 200  # R, G, B planes
-        (folder / f"data_batch_{k}").write_bytes(pickle.dumps({b"data": r, b"labels": [0, 0]}, protocol=4))
+        (folder / f"data_batch_{k}").write_bytes(python2_pickle({b"data": r, b"labels": [0, 0]}))
     images = gan_trainer.load_cifar(tmp_path)
     assert images.shape == (10, 3, 32, 32) and images.dtype == np.uint8
     assert (images[:, 1] == 100).all() and (images[:, 2] == 200).all()
