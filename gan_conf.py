@@ -17,7 +17,6 @@ averages exist anywhere, so `model.eval()` changes nothing.
 """
 from dataclasses import asdict, dataclass
 
-import torch
 from torch import nn
 
 
@@ -135,52 +134,7 @@ def conv(c_in, c_out, big, small):
 
 def deconv(c_in, c_out, small, big):
     k, p = conv_kernel_padding(big, small)
-    return ConvTranspose2d(c_in, c_out, k, stride=2, padding=p)
-
-
-class ConvTranspose2d(nn.ConvTranspose2d):
-    """nn.ConvTranspose2d, with one faster case: under bf16 autocast on the CPU, a layer whose
-    kernel covers its whole input map (the first of mnist, 3 x 3 -> 7 x 7 with kernel 5, and
-    of cifar) computes its forward as what a transposed convolution is, the input gradient of
-    the convolution with the same weight. oneDNN does that 2x faster than its own transposed
-    convolution for mnist's shape (7-10% of a bf16 iteration; README: Speed). Everything else
-    is nn's."""
-
-    def forward(self, x, output_size=None):
-        if (output_size is None and x.dim() == 4 and x.device.type == "cpu"
-                and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-                and all(k >= n for k, n in zip(self.kernel_size, x.shape[2:]))):
-            with torch.autocast("cpu", enabled=False):  # the casts autocast would make, made here
-                bias = None if self.bias is None else self.bias.bfloat16()
-                return AdjointConvTranspose.apply(x.bfloat16(), self.weight.bfloat16(), bias, self)
-        return super().forward(x, output_size)
-
-
-class AdjointConvTranspose(torch.autograd.Function):
-    """conv_transpose2d(x, weight, bias) for a ConvTranspose2d m, its forward computed as a
-    convolution's input gradient; the backward is the transposed convolution's own."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, m):
-        ctx.save_for_backward(x, weight)
-        ctx.m = m
-        size = [(n - 1) * s - 2 * p + d * (k - 1) + op + 1
-                for n, s, p, d, k, op in zip(x.shape[2:], m.stride, m.padding, m.dilation, m.kernel_size, m.output_padding)]
-        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        like = torch.empty((len(x), m.out_channels, *size), dtype=x.dtype, device=x.device,
-                           memory_format=fmt)  # only its shape and layout count
-        y = torch.ops.aten.convolution_backward(x, like, weight, None, m.stride, m.padding, m.dilation,
-                                                False, [0, 0], m.groups, [True, False, False])[0]
-        return y if bias is None else y + bias.view(1, -1, 1, 1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        m = ctx.m
-        bias_sizes = [m.out_channels] if ctx.needs_input_grad[2] else None
-        grads = torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, m.stride, m.padding, m.dilation,
-                                                    True, m.output_padding, m.groups, ctx.needs_input_grad[:3])
-        return *grads, None
+    return nn.ConvTranspose2d(c_in, c_out, k, stride=2, padding=p)
 
 
 class ImageGenerator(nn.Module):

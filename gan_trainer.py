@@ -5,8 +5,13 @@
     python gan_trainer.py -d mnist --generate 64        # apply the trained generator
     python gan_trainer.py -d mnist --evaluate           # score it
 
-Reads top to bottom like the algorithm: data, the choice rule, the training
-step, outputs, checkpoints, evaluation, the loop, the command line.
+The file reads in four parts, each opened by a banner that says what it promises:
+  1. the algorithm: data and batch draws, the choice rule, one iteration (as the tutorial
+     writes it, and the same numbers with shared work), the run's state, the loop;
+  2. the run's files: checkpoints, metrics.jsonl, pictures and plots, all written atomically;
+  3. speed: options decided once, and faster ways to compute the same iteration;
+  4. applying G: generate and evaluate; then the command line.
+The networks and the tutorial's hyper-parameters are in gan_conf.py.
 """
 import argparse
 import contextlib
@@ -43,19 +48,19 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 from gan_conf import CONFIGS, DigitClassifier, GANConfig, build_nets  # noqa: E402
 
 MAX_STRIKE = 5       # a net trains at most this many iterations in a row
 LOG_PERIOD = 100     # iterations between loss lines; batches between trainer summaries
-GIF_FRAMES = 20      # most frames in progress.gif
-PLOT_PERIOD = 30     # seconds: losses.png and progress.gif are redrawn after a pass at most this often
+REAL, FAKE = 1, 0    # D's two classes
 MNIST_SCRIPT = "data/get_mnist_data.sh"
 CIFAR_SCRIPT = "data/download_cifar.sh"
 
 
 class UserError(Exception):
-    """Bad input: reported as one line on stderr, exit status 1, no traceback."""
+    """Bad input or a failed write: reported as one line on stderr, exit status 1, no traceback."""
 
 
 def in_one_line(e, most=200):
@@ -63,6 +68,13 @@ def in_one_line(e, most=200):
     first = (str(e).strip().splitlines() or [""])[0]
     return f"{type(e).__name__}: {first[:most]}" if first else type(e).__name__
 
+
+# ###################################################################### 1. THE ALGORITHM
+#
+# What the tutorial's program does, in the order it does it: the data and how a batch is
+# drawn; the rule that picks the net to train; one iteration, first as the tutorial writes it
+# (tutorial_step: the reference to read), then as the trainer computes it (train_step: the same
+# numbers with less work, tests/test_step_equivalence.py); the state of a run; the loop.
 
 # ====================================================================== data
 
@@ -144,7 +156,8 @@ def load_cifar(data_dir):
             raise UserError(f"{path}: not a CIFAR-10 python batch ({in_one_line(e)})")
         if not isinstance(rows, np.ndarray) or rows.dtype != np.uint8 or rows.ndim != 2 or rows.shape[1] != 3072:
             raise UserError(f"{path}: 'data' is {getattr(rows, 'dtype', type(rows).__name__)} of shape "
-                            f"{getattr(rows, 'shape', '()')}, expected uint8 rows of 3072 bytes (32x32 pixels, R then G then B)")
+                            f"{getattr(rows, 'shape', '()')}, expected uint8 rows of 3072 bytes "
+                            "(32x32 pixels, R then G then B)")
         batches.append(rows.reshape(-1, 3, 32, 32))
     return np.concatenate(batches)
 
@@ -197,7 +210,7 @@ def block_indices(n, batch_size, generator, rows=BATCH_BLOCK):
         idx[row, where[row, col]] = torch.randint(n, (len(row),), generator=generator, device=device)
 
 
-def real_batches(data, batch_size, seed, pass_id, start=0):
+def real_batches(data, batch_size, seed, pass_id, start=0, memory_format=torch.contiguous_format):
     """The real batches of pass `pass_id`, from iteration `start` on, as [-1, 1] floats.
 
     The rows come from a generator of their own, seeded by (seed, pass, block): a pass resumed
@@ -208,7 +221,8 @@ def real_batches(data, batch_size, seed, pass_id, start=0):
         generator = torch.Generator(device=data.device).manual_seed(int(key))
         idx = block_indices(len(data), batch_size, generator)
         for row in idx[max(start - block * BATCH_BLOCK, 0):]:
-            yield to_unit_range(data.index_select(0, row))  # half the time of data[row] on a CPU
+            x = to_unit_range(data.index_select(0, row))  # half the time of data[row] on a CPU
+            yield x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
 
 
 # ====================================================================== the choice rule
@@ -232,13 +246,10 @@ def advance(schedule, net):
     return Schedule(net, schedule.strike + 1 if net == schedule.net else 1)
 
 
-# ====================================================================== one training iteration
-
-REAL, FAKE = 1, 0
-
+# ====================================================================== one iteration
 
 def cost(logits, label):
-    """Cross-entropy of the 2-way softmax against one label for the whole batch."""
+    """Cross-entropy of D's 2-way softmax against one label for the whole batch."""
     return F.cross_entropy(logits.float(), labels(len(logits), label, logits.device))
 
 
@@ -253,317 +264,139 @@ def labels(n, label, device):
 
 
 @dataclasses.dataclass
+class Losses:
+    """The losses of one iteration, before any update, as tensors (what the choice reads)."""
+    d_pos_loss: torch.Tensor   # D on the real batch x, labelled real
+    d_neg_loss: torch.Tensor   # D on the generated batch G(z), labelled fake
+    g_loss: torch.Tensor       # D on G(z), labelled real: G's cost
+    real_logits: torch.Tensor  # D(x)
+    fake_logits: torch.Tensor  # D(G(z)), with its graph where an update will use it
+
+
+@dataclasses.dataclass
 class Step:
-    """What one iteration computed: the losses (on the device, and as host floats), D's logits."""
-    d_pos_loss: torch.Tensor
-    d_neg_loss: torch.Tensor
-    g_loss: torch.Tensor
+    """What one iteration did: its losses as host floats (what is logged and what the choice
+    read), whether they were finite, the net it trained, and tensors read only when logged."""
+    d_pos_loss: float
+    d_neg_loss: float
+    g_loss: float
+    finite: bool              # False: a loss was not finite, and nothing was trained
+    trained: str | None       # "dis" or "gen" (None when not finite)
     real_logits: torch.Tensor
     fake_logits: torch.Tensor
-    values: tuple = ()  # (d_pos_loss, d_neg_loss, g_loss) as Python floats
-    net: str = ""
-    batches: list = dataclasses.field(default_factory=list)  # (cost, D logits, label) per training batch
+    batches: list = dataclasses.field(default_factory=list)  # (cost, D's logits, label) per batch trained on
 
     @property
     def d_loss(self):
         """(d_pos_loss + d_neg_loss) / 2 in float64, as the original computed it in Python."""
-        return (self.values[0] + self.values[1]) / 2
+        return (self.d_pos_loss + self.d_neg_loss) / 2
 
 
-def train_step(gen, dis, opt_g, opt_d, x, z, schedule, autocast):
-    """One iteration of the original: evaluate the four losses, choose a net, train it.
+def choose(losses, schedule):
+    """The Step of these losses: read to the host (the one read per iteration), the choice rule
+    applied; no net when a loss is not finite."""
+    with torch.no_grad():
+        d_pos, d_neg, g = torch.stack([losses.d_pos_loss, losses.d_neg_loss, losses.g_loss]).tolist()
+    finite = math.isfinite(d_pos + d_neg + g)
+    trained = choose_net(schedule, (d_pos + d_neg) / 2 > g) if finite else None
+    return Step(d_pos, d_neg, g, finite, trained, losses.real_logits, losses.fake_logits.detach())
 
-    Work is shared where the parameters have not changed in between: one forward
-    of D on G(z) gives d_neg_loss and g_loss and serves the update that follows;
-    D(x) is evaluated without a graph because D's update on x comes after its
-    update on G(z) and must be recomputed anyway.
+
+def tutorial_step(gen, dis, opt_g, opt_d, x, z, schedule):
+    """One iteration as the tutorial writes it, sharing no work: the reference that train_step is
+    tested against (tests/test_step_equivalence.py) and timed against (tests/bench_speed.py).
+
+    (0) The losses of the current nets, each from its own forward pass.
+    (1) Choose the net with the larger loss: D if d_loss > g_loss (at most 5 times in a row).
+    (2) Update D: maximise log D(x) + log(1 - D(G(z))): one Adam step on the generated batch
+        labelled fake, then one on the real batch labelled real (each batch normalised alone).
+    (3) Or update G: maximise log D(G(z)): one Adam step of G's parameters through D, labelled
+        real (D's gradients are dropped).
     """
-    step = evaluate_losses(gen, dis, x, z, autocast)
-    if not choose(step, schedule):
-        return step  # net stays "": the caller stops the run
-    if step.net == "dis":
-        update_dis(step, dis, opt_d, x, autocast)
-    else:
-        update_gen(step, opt_g)
+    with torch.no_grad():
+        real_logits, fake_logits = dis(x), dis(gen(z))
+        losses = Losses(cost(real_logits, REAL), cost(fake_logits, FAKE), cost(dis(gen(z)), REAL),
+                        real_logits, fake_logits)
+    step = choose(losses, schedule)
+    if step.trained == "dis":
+        opt_d.zero_grad()
+        fake_logits = dis(gen(z).detach())
+        fake_cost = cost(fake_logits, FAKE)
+        fake_cost.backward()
+        opt_d.step()
+        opt_d.zero_grad()
+        real_logits = dis(x)
+        real_cost = cost(real_logits, REAL)
+        real_cost.backward()
+        opt_d.step()
+        step.batches = [(fake_cost.detach(), fake_logits.detach(), FAKE), (real_cost.detach(), real_logits.detach(), REAL)]
+    elif step.trained == "gen":
+        opt_g.zero_grad()
+        fake_logits = dis(gen(z))
+        g_cost = cost(fake_logits, REAL)
+        g_cost.backward()
+        opt_g.step()
+        opt_d.zero_grad()
+        step.batches = [(g_cost.detach(), fake_logits.detach(), REAL)]
+    return step
+
+
+def train_step(gen, dis, opt_g, opt_d, x, z, schedule, autocast=contextlib.nullcontext):
+    """tutorial_step's numbers with less work (the parameters have not changed in between):
+
+    one forward of D on G(z) gives d_neg_loss and g_loss, and its graph serves the update that
+    follows; D(x) is evaluated without a graph, since D's update on x comes after its update on
+    G(z) and must be recomputed anyway; gradients are taken for the trained net only.
+    """
+    losses = evaluate_losses(gen, dis, x, z, autocast)
+    step = choose(losses, schedule)
+    if step.trained == "dis":
+        step.batches = update_dis(losses, dis, opt_d, x, autocast)
+    elif step.trained == "gen":
+        step.batches = update_gen(losses, opt_g)
     return step
 
 
 def evaluate_losses(gen, dis, x, z, autocast, real=True):
     """The losses at the current parameters; the graph of D(G(z)) is kept for the update.
-    real=False leaves out D(x) and d_pos_loss, which no update uses (GraphedStep's updates)."""
+    real=False leaves out D(x) and d_pos_loss, which no update uses (the graphed updates)."""
     with autocast():
-        fake = gen(z)
-        fake_logits = dis(fake)
+        fake_logits = dis(gen(z))
         with torch.no_grad():
             real_logits = dis(x) if real else None
-    return Step(cost(real_logits, REAL) if real else None, cost(fake_logits, FAKE), cost(fake_logits, REAL),
-                real_logits, fake_logits)
+    return Losses(cost(real_logits, REAL) if real else None, cost(fake_logits, FAKE), cost(fake_logits, REAL),
+                  real_logits, fake_logits)
 
 
-def choose(step, schedule):
-    """Reads the losses to the host (the one read per iteration) and sets step.net by the
-    choice rule; False, and no net, when a loss is not finite."""
-    with torch.no_grad():
-        step.values = tuple(torch.stack([step.d_pos_loss, step.d_neg_loss, step.g_loss]).tolist())
-    if not math.isfinite(step.d_loss + step.values[2]):
-        return False
-    step.net = choose_net(schedule, step.d_loss > step.values[2])
-    return True
-
-
-def update_dis(step, dis, opt_d, x, autocast):
-    """D: one update on the fake batch (its graph is at hand), then one on the real batch."""
-    descend(step.d_neg_loss, opt_d)
-    real_cost, logits = cost_on_real(dis, x, autocast)
+def update_dis(losses, dis, opt_d, x, autocast):
+    """(2) D: one update on the generated batch (its graph is at hand), then one on the real
+    batch. Returns the two batches for the trainer log."""
+    descend(losses.d_neg_loss, opt_d)
+    real_cost, real_logits = cost_on_real(dis, x, autocast)
     descend(real_cost, opt_d)
-    step.batches = [(step.d_neg_loss.detach(), step.fake_logits.detach(), FAKE),
-                    (real_cost.detach(), logits.detach(), REAL)]
+    return [(losses.d_neg_loss.detach(), losses.fake_logits.detach(), FAKE),
+            (real_cost.detach(), real_logits.detach(), REAL)]
 
 
 def cost_on_real(dis, x, autocast):
-    """D's cost on the real batch, with label "real", and its logits."""
+    """D's cost on the real batch, labelled real, and its logits."""
     with autocast():
         logits = dis(x)
     return cost(logits, REAL), logits
 
 
-def update_gen(step, opt_g):
-    """G: one update through the unchanged D, with label "real"."""
-    descend(step.g_loss, opt_g)
-    step.batches = [(step.g_loss.detach(), step.fake_logits.detach(), REAL)]
-
-
-class GraphedStep:
-    """train_step replayed from CUDA graphs (--cuda_graphs 1, GPU only).
-
-    The nets are small, so an eager iteration keeps the GPU waiting on Python to launch a
-    couple of hundred tiny kernels; a graph launches them all in one call. The graphs are
-    made of train_step's own functions over fixed input buffers: the evaluation alone, and
-    the evaluation followed by each net's update. An iteration replays the evaluation, reads
-    the losses, chooses, and replays the chosen net's graph, which evaluates D(G(z)) again (the
-    same kernels on the same inputs: the same values) and updates. Capturing needs a few warm-up
-    updates; parameters and Adam state are put back afterwards, so the run is unchanged.
-
-    The returned Step's losses and logits are the graphs' output buffers: valid until the next
-    call (its logged batches are copies). capture=False runs the same functions without graphs
-    (how the CPU tests check the logic).
-    """
-
-    def __init__(self, gen, dis, opt_g, opt_d, autocast, capture=True):
-        self.nets, self.opts, self.autocast, self.capture = (gen, dis), (opt_g, opt_d), autocast, capture
-        self.x = self.z = None
-
-    def _build(self, x, z):
-        gen, dis = self.nets
-        opt_g, opt_d = self.opts
-        self.x, self.z = x.clone(), z.clone()  # clone keeps x's memory format
-
-        def evaluate(real=True):
-            return evaluate_losses(gen, dis, self.x, self.z, self.autocast, real)
-
-        def train_dis():
-            step = evaluate(real=False)
-            update_dis(step, dis, opt_d, self.x, self.autocast)
-            return step
-
-        def train_gen():
-            step = evaluate(real=False)
-            update_gen(step, opt_g)
-            return step
-
-        # the graphs read the cached label batches (LABELS is never emptied; held here all the same)
-        self.labels = [labels(len(x), label, x.device) for label in (REAL, FAKE)]
-        saved = [t.detach().clone() for t in self._state()]
-        fresh = {id(p) for opt in self.opts for p in opt.param_groups[0]["params"] if not opt.state.get(p)}
-        self.graphs, self.outputs = {}, {}
-        try:
-            for name, fn in (("eval", evaluate), ("dis", train_dis), ("gen", train_gen)):
-                self.graphs[name], self.outputs[name] = capture_graph(fn, self.capture)
-        except Exception as e:
-            raise UserError(f"capturing CUDA graphs failed ({in_one_line(e)}); run with --cuda_graphs 0")
-        finally:
-            self._put_back(saved, fresh)
-
-    def _put_back(self, saved, fresh):
-        """Undo the warm-up updates: the saved tensors back in place (the graphs hold their
-        addresses); Adam state they created starts at zero, as a first opt.step() creates it."""
-        with torch.no_grad():
-            for t, s in zip(self._state(fresh), saved):
-                t.copy_(s)
-            for opt in self.opts:
-                for p in opt.param_groups[0]["params"]:
-                    if id(p) in fresh:
-                        for t in opt.state[p].values():
-                            t.zero_()
-
-    def _state(self, skip=()):
-        """Every tensor a warm-up update changes: parameters, buffers, Adam state (not of `skip`)."""
-        tensors = [t for net in self.nets for t in net.state_dict().values()]
-        for opt in self.opts:
-            for p in opt.param_groups[0]["params"]:
-                if id(p) not in skip:
-                    tensors += [t for t in opt.state[p].values() if torch.is_tensor(t)]
-        return tensors
-
-    def __call__(self, x, z, schedule):
-        if self.x is None:
-            self._build(x, z)
-        self.x.copy_(x)
-        self.z.copy_(z)
-        out = self._run("eval")
-        step = Step(out.d_pos_loss, out.d_neg_loss, out.g_loss, out.real_logits, out.fake_logits)
-        if not choose(step, schedule):
-            return step
-        out = self._run(step.net)
-        # the graphs' outputs are overwritten by the next replay: the log keeps copies
-        step.batches = [(c.clone(), logits.clone(), label) for c, logits, label in out.batches]
-        return step
-
-    def _run(self, name):
-        if not self.capture:
-            return self.graphs[name]()
-        self.graphs[name].replay()
-        return self.outputs[name]
-
-
-def capture_graph(fn, capture=True, warmup=2):
-    """A CUDA graph of fn() and its (static) output, after warm-up runs on a side stream;
-    capture=False: the warm-up runs only, and (fn, None)."""
-    if not capture:
-        for _ in range(warmup):
-            fn()
-        return fn, None
-    if hasattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch"):
-        # it warns of the side-stream warm-up that capturing asks for; the capture works (seen on an H200)
-        torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
-class CompiledStep:
-    """train_step as two torch.compile'd functions (--compile 1, the CPU's default for uniform).
-
-    The uniform nets are so small that an eager iteration is nearly all per-call overhead:
-    about a hundred operator calls and autograd nodes of 5-10 us each. Compiled, one call
-    evaluates the losses and, at the same parameters, the gradients of both updates the choice
-    may pick: G's from g_loss and D's from d_neg_loss (the gradient left unused costs less than
-    a second call would). The chosen net's gradients go to adam_step; D's update on the real
-    batch, which comes after its first update, is the second compiled function. The arithmetic
-    is train_step's, rounded differently where the compiler fuses operations.
-
-    The first call compiles (seconds); if that fails (no C++ compiler, an older torch), the
-    run goes on eagerly with train_step after a note.
-    """
-
-    def __init__(self, gen, dis, opt_g, opt_d, autocast, log=print):
-        self.opts, self.log = {"gen": opt_g, "dis": opt_d}, log
-        self.eager = functools.partial(train_step, gen, dis, opt_g, opt_d, autocast=autocast)
-        self.ready, self.evaluate, self.dis_on_real = False, None, None  # compiled by the first call
-        params = {net: opt.param_groups[0]["params"] for net, opt in self.opts.items()}
-
-        def evaluate(x, z):
-            step = evaluate_losses(gen, dis, x, z, autocast)
-            grads = {"gen": torch.autograd.grad(step.g_loss, params["gen"], retain_graph=True),
-                     "dis": torch.autograd.grad(step.d_neg_loss, params["dis"])}
-            losses = torch.stack([step.d_pos_loss, step.d_neg_loss, step.g_loss]).detach()
-            return losses, step.real_logits, step.fake_logits.detach(), grads
-
-        def dis_on_real(x):
-            real_cost, logits = cost_on_real(dis, x, autocast)
-            return real_cost.detach(), logits.detach(), torch.autograd.grad(real_cost, params["dis"])
-
-        self.functions = evaluate, dis_on_real
-
-    def _compile(self, x, z):
-        """Compile both functions on the first batch (their calls change nothing), or fall back."""
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
-        for label in (REAL, FAKE):
-            labels(len(x), label, x.device)
-        started = time.time()
-        try:
-            import torch._dynamo
-            torch._dynamo.config.trace_autograd_ops = True  # torch.autograd.grad inside the graph (torch 2.14)
-            self.evaluate, self.dis_on_real = (torch.compile(f, fullgraph=True, dynamic=False)
-                                               for f in self.functions)
-            self.evaluate(x, z)
-            self.dis_on_real(x)
-            self.log(f"compiled the training step in {time.time() - started:.1f} s "
-                     "(torch.compile; --compile 0 runs it eagerly)")
-        except Exception as e:
-            self.log(f"torch.compile failed ({in_one_line(e)}); running eagerly, as --compile 0 does")
-            self.evaluate = None
-        self.ready = True
-
-    def __call__(self, x, z, schedule):
-        if not self.ready:
-            self._compile(x, z)
-        if self.evaluate is None:
-            return self.eager(x, z, schedule)
-        losses, real_logits, fake_logits, grads = self.evaluate(x, z)
-        step = Step(losses[0], losses[1], losses[2], real_logits, fake_logits)
-        if not choose(step, schedule):
-            return step
-        apply_grads(grads[step.net], self.opts[step.net])
-        if step.net == "dis":
-            real_cost, logits, real_grads = self.dis_on_real(x)
-            apply_grads(real_grads, self.opts["dis"])
-            step.batches = [(losses[1], fake_logits, FAKE), (real_cost, logits, REAL)]
-        else:
-            step.batches = [(losses[2], fake_logits, REAL)]
-        return step
-
-
-def make_step(gen, dis, opt_g, opt_d, autocast, cuda_graphs=False, capture=True, compiled=False, log=print):
-    """The iteration as a function of (x, z, schedule) -> Step: train_step, its graphed replay
-    (GPU), or its compiled form (CPU)."""
-    if cuda_graphs:
-        return GraphedStep(gen, dis, opt_g, opt_d, autocast, capture)
-    if compiled:
-        return CompiledStep(gen, dis, opt_g, opt_d, autocast, log)
-    return functools.partial(train_step, gen, dis, opt_g, opt_d, autocast=autocast)
-
-
-def adam_step(opt):
-    """opt.step() for a torch.optim.Adam(fused=True), without its per-call Python bookkeeping.
-
-    That bookkeeping (~100 us) costs more than the whole update of the tiny uniform nets. This
-    runs what Adam's fused path runs, on Adam's own state (so state_dict, checkpoints and
-    resume are unchanged); tests/test_step_equivalence.py checks it equals opt.step() bit for bit.
-    """
-    group = opt.param_groups[0]
-    params = group["params"]
-    states = [opt.state[p] for p in params]
-    if len(opt.param_groups) != 1 or not all(states) or group["amsgrad"] or not group["fused"] \
-            or not hasattr(torch, "_fused_adam_"):
-        return opt.step()  # the first step creates the state; anything unusual takes the plain path
-    steps = [s["step"] for s in states]
-    torch._foreach_add_(steps, 1)
-    torch._fused_adam_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                       [s["exp_avg_sq"] for s in states], [], steps, amsgrad=False, lr=group["lr"],
-                       beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=group["weight_decay"],
-                       eps=group["eps"], maximize=group["maximize"], grad_scale=None, found_inf=None)
+def update_gen(losses, opt_g):
+    """(3) G: one update through the unchanged D, labelled real. Returns the batch for the log."""
+    descend(losses.g_loss, opt_g)
+    return [(losses.g_loss.detach(), losses.fake_logits.detach(), REAL)]
 
 
 def descend(loss, opt):
-    """One Adam update of opt's parameters down the gradient of loss (taken for those
-    parameters only: nothing is computed for the other net)."""
-    apply_grads(torch.autograd.grad(loss, opt.param_groups[0]["params"]), opt)
-
-
-def apply_grads(grads, opt):
-    """One Adam update of opt's parameters with these gradients (set as their .grad, replacing
-    the last ones, so no zero_grad is needed)."""
-    for p, g in zip(opt.param_groups[0]["params"], grads):
-        p.grad = g
-    adam_step(opt)
+    """One Adam step down the gradient of loss, for opt's parameters only (backward computes
+    nothing for the other net's)."""
+    opt.zero_grad()
+    loss.backward(inputs=opt.param_groups[0]["params"])
+    opt.step()
 
 
 class TrainerLog:
@@ -601,10 +434,10 @@ class TrainerLog:
         """Fold the queued batches into the window sums."""
         if not self.pending:
             return
-        costs, logits, labels = zip(*self.pending)
+        costs, logits, targets = zip(*self.pending)
         logits = torch.stack(logits).float()
-        labels = torch.tensor(labels, device=logits.device)[:, None]
-        errors = (logits.argmax(2) != labels).float().mean(1)
+        targets = torch.tensor(targets, device=logits.device)[:, None]
+        errors = (logits.argmax(2) != targets).float().mean(1)
         for c, e in zip(torch.stack(costs).tolist(), errors.tolist()):
             self.window_sums = [self.window_sums[0] + c, self.window_sums[1] + e]
         self.pending = []
@@ -620,12 +453,300 @@ class TrainerLog:
 
 def loss_lines(step):
     """The tutorial's two log lines (float32 values as %g, d_loss with 12 digits like Python 2's str)."""
-    d_pos, d_neg, g = step.values
-    return (f"d_pos_loss is {d_pos:.6g}     d_neg_loss is {d_neg:.6g}",
-            f"d_loss is {step.d_loss:.12g}    g_loss is {g:.6g}")
+    return (f"d_pos_loss is {step.d_pos_loss:.6g}     d_neg_loss is {step.d_neg_loss:.6g}",
+            f"d_loss is {step.d_loss:.12g}    g_loss is {step.g_loss:.6g}")
 
 
-# ====================================================================== outputs
+@torch.no_grad()
+def metrics_line(step, run, i):
+    """The metrics.jsonl object of a logged iteration."""
+    return {"pass": run.pass_id, "iteration": i, "step": run.pass_id * run.cfg.iters_per_pass + i,
+            "d_pos_loss": step.d_pos_loss, "d_neg_loss": step.d_neg_loss, "d_loss": step.d_loss,
+            "g_loss": step.g_loss, "trained": step.trained, "strike": run.schedule.strike,
+            "d_real": step.real_logits.float().softmax(1)[:, REAL].mean().item(),
+            "d_fake": step.fake_logits.float().softmax(1)[:, REAL].mean().item(),
+            "d_share": run.steps["dis"] / max(1, run.steps["dis"] + run.steps["gen"]),
+            "seconds": round(run.seconds(), 3)}
+
+
+# ====================================================================== the run's state
+
+class Run:
+    """Everything a run is: its configuration, seed and speed options, the nets and their
+    optimizers, and what the loop carries from one iteration to the next (the schedule, the
+    iteration counts, the trainer logs, the fixed noise of the pictures, the position, the
+    training time). state_dict() is the checkpoint; load_state_dict() continues from one."""
+
+    def __init__(self, cfg, seed, speed, device=None):
+        self.cfg, self.seed, self.speed = cfg, seed, speed
+        self.device = torch.device(device or speed.device)
+        self.gen, self.dis = prepare_nets(build_nets(cfg), speed, self.device)
+        # Adam with beta1 0.5, the tutorial's; fused into one kernel per net (part 3: Adam)
+        self.opt_g, self.opt_d = (Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999), fused=True)
+                                  for net in (self.gen, self.dis))
+        self.autocast = make_autocast(self.device, speed.bf16)
+        self.schedule, self.steps = Schedule(), {"dis": 0, "gen": 0}
+        self.logs = {"dis": TrainerLog("discriminator", cfg.batch_size), "gen": TrainerLog("generator", cfg.batch_size)}
+        # Fixed noise for the per-pass pictures, so that passes compare: whole batches, enough
+        # for 64 images or 1024 points.
+        shown = 64 if cfg.is_image else 1024
+        self.fixed_noise = torch.randn(-(-shown // cfg.batch_size) * cfg.batch_size, cfg.noise_dim, device=self.device)
+        self.pass_id, self.iteration, self.elapsed = 0, 0, 0.0
+        self.started = time.time()
+
+    def seconds(self):
+        """Training time so far, the stopped runs' included."""
+        return self.elapsed + time.time() - self.started
+
+    def record(self, step):
+        """Account for a trained iteration; returns the trainer summary lines it completes."""
+        self.schedule = advance(self.schedule, step.trained)
+        self.steps[step.trained] += 1
+        summaries = [self.logs[step.trained].add(*batch) for batch in step.batches]
+        return [line for line in summaries if line]
+
+    def start_pass(self, pass_id):
+        self.pass_id = pass_id
+        if self.iteration == 0:
+            for trainer_log in self.logs.values():
+                trainer_log.reset_pass()
+
+    def state_dict(self):
+        return {"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(),
+                "options": {"seed": self.seed, "speed": dataclasses.asdict(self.speed)},
+                "generator": self.gen.state_dict(), "discriminator": self.dis.state_dict(),
+                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "rng": rng_state(),
+                "pass": self.pass_id, "iteration": self.iteration, "schedule": dataclasses.asdict(self.schedule),
+                "fixed_noise": self.fixed_noise.cpu(), "trainer_logs": {k: v.state_dict() for k, v in self.logs.items()},
+                "steps": dict(self.steps), "elapsed": self.seconds()}
+
+    def load_state_dict(self, ckpt):
+        """Continue from a checkpoint (checked by check_checkpoint); a pass that was finished
+        continues with the next one."""
+        self.gen.load_state_dict(ckpt["generator"])
+        self.dis.load_state_dict(ckpt["discriminator"])
+        self.opt_g.load_state_dict(ckpt["opt_g"])
+        self.opt_d.load_state_dict(ckpt["opt_d"])
+        self.fixed_noise = ckpt["fixed_noise"].to(self.device)
+        self.schedule, self.steps = Schedule(**ckpt["schedule"]), dict(ckpt["steps"])
+        for k, state in ckpt["trainer_logs"].items():
+            self.logs[k].load_state_dict(state)
+        self.pass_id, self.iteration, self.elapsed = ckpt["pass"], ckpt["iteration"], ckpt["elapsed"]
+        if self.iteration >= self.cfg.iters_per_pass:
+            self.pass_id, self.iteration = self.pass_id + 1, 0
+        set_rng_state(ckpt["rng"])
+        self.started = time.time()
+
+
+# ====================================================================== the loop
+
+def train(args):
+    """Train for the configured passes, each followed by its checkpoint, scores and pictures."""
+    log = Printer(args.quiet)
+    if args.eval_every:
+        check_evaluable(args.data_source, args.data_dir)
+    device = choose_device(args.use_gpu, args.gpu_id, log)
+    files = RunFiles(args.out_dir, args.data_source, args.keep)
+    with files.locked():
+        run = start_run(args, files, device, log)
+        if run.pass_id >= run.cfg.passes:
+            log(f"nothing to do: the run already has {run.cfg.passes} passes (raise --passes to go on)")
+            return
+        cfg = run.cfg
+        data = load_data(cfg, args.data_dir, device, run.seed)
+        train_one = make_step(run, log)
+        evaluator = Evaluator(cfg, args.data_dir, data, log) if args.eval_every else None
+        memory_format = torch.channels_last if run.speed.channels_last else torch.contiguous_format
+        log(f"training {cfg.data_source} on {device}: {cfg.passes} passes of {cfg.iters_per_pass} iterations, "
+            f"batch {cfg.batch_size}, lr {cfg.lr:g}, seed {run.seed}", f"speed: {run.speed.describe()}")
+        run.started = time.time()
+        with StopRequest() as stop, files.metrics:
+            for pass_id in range(run.pass_id, cfg.passes):
+                run.start_pass(pass_id)
+                log.start_pass(pass_id, cfg.iters_per_pass, run.iteration)
+                started, first = time.time(), run.iteration
+                batches = real_batches(data, cfg.batch_size, run.seed, pass_id, run.iteration, memory_format)
+                for i in range(run.iteration, cfg.iters_per_pass):
+                    if stop.signal is not None:
+                        stop_with_checkpoint(run, files, log, stop.signal, f"at pass {pass_id} iteration {i}")
+                    z = torch.randn(cfg.batch_size, cfg.noise_dim, device=device)
+                    step = train_one(next(batches), z, run.schedule)
+                    if not step.finite:
+                        log.end_pass()
+                        last_good = files.last_good_checkpoint()
+                        files.draw_plots(pass_id, cfg, force=True)
+                        raise UserError(f"non-finite loss at pass {pass_id} iteration {i} (d_loss={step.d_loss:g}, "
+                                        f"g_loss={step.g_loss:g}); stopping: {last_good}")
+                    log(*run.record(step))
+                    run.iteration = i + 1
+                    if i % LOG_PERIOD == 0:
+                        log(*loss_lines(step))
+                        files.metrics.add(metrics_line(step, run, i))
+                        log.update(1, d_loss=f"{step.d_loss:.3f}", g_loss=f"{step.g_loss:.3f}")
+                    else:
+                        log.update(1)
+                log.end_pass()
+                end_pass(run, files, evaluator, args, log, time.time() - started, first, stopping=stop.signal)
+                run.iteration = 0
+                if stop.signal is not None and pass_id + 1 < cfg.passes:
+                    stop_with_checkpoint(run, files, log, stop.signal, f"after pass {pass_id}", written=True)
+
+
+def start_run(args, files, device, log):
+    """The run to train: a new one, or the one a checkpoint continues (--resume)."""
+    if args.resume is None:
+        cfg, seed = fresh_config(args, files.params)
+        speed = Speed.decide(args, cfg, device, log=log)
+        apply_to_process(speed)
+        run = Run(cfg, seed, speed, device)
+        files.open_metrics()
+        return run
+    ckpt, metrics_source = load_resume_checkpoint(args, files.params)
+    cfg = config_from_checkpoint(ckpt)
+    if args.passes is not None:  # --passes sets the run's new total
+        cfg = dataclasses.replace(cfg, passes=args.passes)
+    saved = Speed(**ckpt["options"]["speed"])
+    speed = Speed.decide(args, cfg, device, saved, log)
+    apply_to_process(speed)
+    run = Run(cfg, ckpt["options"]["seed"], speed, device)
+    run.load_state_dict(ckpt)
+    files.open_metrics(metrics_until(metrics_source, ckpt, log))
+    log(f"resuming {ckpt['path']} at pass {run.pass_id} iteration {run.iteration} of {cfg.passes} passes")
+    changed = run.speed.differences(saved)
+    if changed:
+        log(f"note: resuming with {', '.join(changed)}: the run goes on correctly, but its numbers "
+            "will not be bit-identical to an unbroken run's")
+    return run
+
+
+def end_pass(run, files, evaluator, args, log, seconds, first, stopping=None):
+    """After a pass: its checkpoint first (nothing optional may cost it), then the scores, the
+    picture, the plots and the pass's line."""
+    cfg, pass_id = run.cfg, run.pass_id
+    path = files.save_checkpoint(run)
+    if evaluator is not None and (pass_id + 1) % args.eval_every == 0:
+        scores = evaluator.score_generator(run, args.samples)
+        log(f"Pass={pass_id} eval: {format_scores(scores)}")
+        files.metrics.add({"pass": pass_id, "iteration": cfg.iters_per_pass, "step": (pass_id + 1) * cfg.iters_per_pass,
+                           "seconds": round(run.seconds(), 3), "eval": scores})
+    picture, stats = files.save_picture(run)
+    files.draw_plots(pass_id + 1, cfg, force=pass_id + 1 == cfg.passes or stopping is not None)
+    done = cfg.iters_per_pass - first
+    log(f"Pass={pass_id} done: {done} iterations in {seconds:.1f} s ({100 * seconds / max(done, 1):.2f} s per 100), "
+        f"D trained {run.steps['dis']} / G {run.steps['gen']} iterations so far{stats}; {picture}, {path}")
+
+
+def stop_with_checkpoint(run, files, log, signum, where, written=False):
+    """A stop signal: checkpoint (unless the pass's own was just written), plots, one line, exit 130."""
+    log.end_pass()
+    path = files.checkpoint_path(run.pass_id) if written else files.save_checkpoint(run)
+    if not written:
+        files.draw_plots(run.pass_id, run.cfg, force=True)
+    write_stderr(f"{signal.Signals(signum).name}: stopped {where}; checkpoint {path}; continue with --resume")
+    raise SystemExit(130)
+
+
+# ###################################################################### 2. THE RUN'S FILES
+#
+# Where a run writes, under --out_dir: <d>_params/ (a checkpoint per pass, metrics.jsonl) and
+# <d>_samples/ (a picture per pass, losses.png, progress.gif). Every file is written to a
+# temporary name and renamed, so a kill never leaves half a file; a failed write ends the run
+# in one line naming the file; the pass's checkpoint is written before anything optional; a
+# run holds its folder for its whole life.
+
+GIF_FRAMES = 20      # most frames in progress.gif
+PLOT_PERIOD = 30     # seconds: losses.png and progress.gif are redrawn after a pass at most this often
+
+
+class RunFiles:
+    """The files of one training run."""
+
+    def __init__(self, out_dir, data_source, keep):
+        self.samples, self.params = output_dirs(out_dir, data_source)
+        self.keep, self.metrics, self.plotted = keep, None, time.time()
+
+    def locked(self):
+        return lock_run_folder(self.params)
+
+    def open_metrics(self, kept=()):
+        self.metrics = MetricsLog(self.params / "metrics.jsonl", kept)
+
+    def checkpoint_path(self, pass_id):
+        return checkpoint_path(self.params, pass_id)
+
+    def save_checkpoint(self, run):
+        path = self.checkpoint_path(run.pass_id)
+        save_checkpoint(path, run.state_dict(), self.keep)
+        return path
+
+    def last_good_checkpoint(self):
+        found = list_checkpoints(self.params)
+        return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+
+    def save_picture(self, run):
+        """train_pass<N>.png of G's output for the fixed noise; for points, their mean and std too."""
+        samples = generate_samples(run.gen, run.fixed_noise, run.cfg.batch_size)
+        picture = self.samples / f"train_pass{run.pass_id}.png"
+        stats = ""
+        if not run.cfg.is_image:
+            mean, std = samples.mean(0).tolist(), samples.std(0).tolist()
+            stats = f"; generated mean [{mean[0]:.4f} {mean[1]:.4f}] std [{std[0]:.4f} {std[1]:.4f}]"
+        save_samples(samples, picture, title=f"{run.cfg.data_source} pass {run.pass_id}")
+        return picture, stats
+
+    def draw_plots(self, passes_done, cfg, force=False):
+        """losses.png and progress.gif; redrawn at most every PLOT_PERIOD seconds (late in a run
+        they take long enough to slow fast passes down), unless forced (the end of a run)."""
+        if not force and time.time() - self.plotted < PLOT_PERIOD:
+            return
+        plot_losses(self.metrics.lines, self.samples / "losses.png")
+        write_progress_gif(self.samples, passes_done, self.samples / "progress.gif",
+                           gray=cfg.is_image and cfg.sample_shape[0] == 1)
+        self.plotted = time.time()
+
+
+def output_dirs(out_dir, data_source):
+    samples, params = Path(out_dir) / f"{data_source}_samples", Path(out_dir) / f"{data_source}_params"
+    try:
+        for d in (samples, params):
+            d.mkdir(parents=True, exist_ok=True)
+            probe = d / f".write_test.{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write outputs under {out_dir}: {e.strerror or e}")
+    return samples, params
+
+
+@contextlib.contextmanager
+def lock_run_folder(params_dir):
+    """Hold an OS lock on the run's params folder while the run lasts (the OS drops it when the
+    process ends, even a killed one, so nothing stale is left): a second run there is refused
+    instead of mixing its files with this one's."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    path = Path(params_dir) / ".lock"
+    try:
+        lock = open(path, "a+")
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}")
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise UserError(f"{params_dir} is in use by another run (pid {lock.read().strip() or '?'}): "
+                            "wait for it to end, or give another --out_dir")
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        remove_stale_temporaries(params_dir)
+        remove_stale_temporaries(params_dir.parent / params_dir.name.replace("_params", "_samples"))
+        yield
+
 
 @contextlib.contextmanager
 def atomic_path(path):
@@ -649,20 +770,6 @@ def atomic_path(path):
             tmp.unlink(missing_ok=True)
 
 
-@torch.no_grad()
-def generate_samples(gen, noise, batch_size, generator=None):
-    """G's output for `noise`, in batches of batch_size: batch norm sees the batch
-    statistics G was trained with (the last batch is topped up with extra noise)."""
-    out = []
-    for chunk in noise.split(batch_size):
-        if len(chunk) < batch_size:
-            extra = torch.randn(batch_size - len(chunk), chunk.shape[1], generator=generator).to(chunk.device)
-            out.append(gen(torch.cat([chunk, extra]))[:len(chunk)])
-        else:
-            out.append(gen(chunk))
-    return torch.cat(out).float()
-
-
 def remove_stale_temporaries(folder):
     """Delete temporary files left by a killed run (atomic_path names them .<name>.<pid>.tmp)."""
     for tmp in Path(folder).glob(".*.tmp"):
@@ -674,84 +781,6 @@ def remove_stale_temporaries(folder):
                 tmp.unlink(missing_ok=True)
         except (ValueError, PermissionError):
             pass
-
-
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (imported on first use: it is slow to load)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_sample_grid(images, path):
-    """An 8 x 8 grid of the first 64 images, no padding (224 x 224 for mnist, 256 x 256 for cifar)."""
-    from torchvision.utils import save_image
-    with atomic_path(path) as tmp:
-        save_image(images[:64].cpu(), tmp, nrow=8, padding=0, normalize=True, value_range=(-1, 1), format="png")
-
-
-def save_scatter(points, path, title=""):
-    """Generated 2-D points over the target square [0, 1]^2, on fixed axes so passes compare."""
-    plt = pyplot()
-    pts = points.cpu().numpy()
-    lo, hi = -1.0, 2.0
-    inside = ((pts >= 0) & (pts < 1)).all(1).mean()
-    off_view = (~((pts >= lo) & (pts <= hi)).all(1)).sum()
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.add_patch(plt.Rectangle((0, 0), 1, 1, fill=False, color="tab:red", lw=1.5, label="target [0,1]^2"))
-    ax.scatter(pts[:, 0], pts[:, 1], s=4, alpha=0.6, label="generated")
-    note = f"{inside:.0%} inside the square" + (f", {off_view} of {len(pts)} beyond this view" if off_view else "")
-    ax.set(xlim=(lo, hi), ylim=(lo, hi), aspect="equal", title=f"{title}\n{note}".strip())
-    ax.legend(loc="upper right", fontsize=8)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-
-
-def save_samples(samples, path, title=""):
-    if samples.dim() == 4:
-        save_sample_grid(samples, path)
-    else:
-        save_scatter(samples, path, title)
-
-
-def plot_losses(metrics, path):
-    """losses.png: the four losses at the logged iterations and the share of iterations D trained."""
-    if not metrics:
-        return
-    plt = pyplot()
-    metrics = [m for m in metrics if "d_loss" in m]  # leave out the evaluation lines
-    x = [m["step"] for m in metrics]
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
-    for key in ("d_pos_loss", "d_neg_loss", "d_loss", "g_loss"):
-        ax.plot(x, [m[key] for m in metrics], label=key, lw=1)
-    ax.axhline(math.log(2), color="k", ls="--", lw=0.8, label="-log(0.5)")
-    ax.set(ylabel="cross-entropy")
-    ax.legend(fontsize=8, ncol=5)
-    ax2.plot(x, [m["d_share"] for m in metrics], color="tab:purple", lw=1)
-    ax2.set(xlabel="iteration", ylabel="share D trained", ylim=(0, 1))
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-
-
-def write_progress_gif(samples_dir, passes, path, gray=False, most=GIF_FRAMES):
-    """progress.gif: the per-pass pictures (same fixed noise) as an animation.
-
-    At most `most` frames, spread evenly over the passes so far (the first and the newest
-    always): rewriting it each pass then stays cheap in a 100-pass run.
-    """
-    from PIL import Image
-    shown = range(passes) if passes <= most else sorted({round(i * (passes - 1) / (most - 1)) for i in range(most)})
-    pictures = [samples_dir / f"train_pass{p}.png" for p in shown]
-    # GIF frames have 256 colours; the fast octree palette is 3x quicker than Pillow's default
-    frames = [Image.open(p).convert("L") if gray else
-              Image.open(p).convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE)
-              for p in pictures if p.exists()]
-    if frames:
-        with atomic_path(path) as tmp:
-            frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=400, loop=0)
 
 
 # ====================================================================== checkpoints
@@ -996,7 +1025,838 @@ def config_from_checkpoint(ckpt):
     return GANConfig(**dict(ckpt["config"], sample_shape=tuple(ckpt["config"]["sample_shape"])))
 
 
-# ====================================================================== evaluation
+# ====================================================================== configuration of a run
+
+RESUME_KEEPS = (("--iters", "iters", "iters_per_pass"), ("--batch_size", "batch_size", "batch_size"),
+                ("--lr", "lr", "lr"), ("--hidden_dim", "hidden_dim", "hidden_dim"),
+                ("--d_batch_norm", "d_batch_norm", "d_batch_norm"), ("--g_sigmoid", "g_sigmoid", "g_sigmoid"))
+
+
+def load_resume_checkpoint(args, params_dir):
+    """The checkpoint --resume names (or the newest), and the metrics.jsonl beside it. Refused:
+    one older than the newest of its own folder (it would overwrite the newer ones), one from
+    elsewhere when this run's folder holds another run's files, flags that differ from it."""
+    ckpt = load_checkpoint(args.resume or params_dir, args.data_source)
+    source = ckpt["path"].parent
+    if source.resolve() == params_dir.resolve():
+        newer = [p for p in list_checkpoints(params_dir) if int(p.stem[5:]) > ckpt["pass"]]
+        if newer:
+            raise UserError(f"{newer[-1]} is newer than {ckpt['path']}: resuming from the older one would "
+                            f"overwrite the newer ones; move them away first, or --resume from the newest")
+    elif list_checkpoints(params_dir) or (params_dir / "metrics.jsonl").exists():
+        raise UserError(f"{params_dir} holds another run's files: resuming {ckpt['path']} there would mix "
+                        "the two runs; give an --out_dir without them (the run continues there)")
+    cfg = config_from_checkpoint(ckpt)
+    for flag, arg, field in RESUME_KEEPS:
+        given, kept = getattr(args, arg), getattr(cfg, field)
+        if given is not None and type(kept)(given) != kept:
+            raise UserError(f"{flag} {given} differs from the run's {kept}: a resumed run keeps its "
+                            "configuration (a new run, in another --out_dir, can change it)")
+    if args.seed is not None and args.seed != ckpt["options"]["seed"]:
+        raise UserError(f"--seed {args.seed} differs from the run's {ckpt['options']['seed']}: a resumed run keeps its seed")
+    return ckpt, source / "metrics.jsonl"
+
+
+def make_config(args):
+    cfg = CONFIGS[args.data_source]
+    if cfg.is_image and (args.hidden_dim or args.g_sigmoid):
+        raise UserError("--hidden_dim and --g_sigmoid apply to -d uniform only")
+    overrides = {"passes": args.passes, "iters_per_pass": args.iters, "batch_size": args.batch_size, "lr": args.lr,
+                 "d_batch_norm": args.d_batch_norm, "hidden_dim": args.hidden_dim, "g_sigmoid": args.g_sigmoid}
+    return dataclasses.replace(cfg, **{k: type(getattr(cfg, k))(v) for k, v in overrides.items() if v is not None})
+
+
+def fresh_config(args, params_dir):
+    """Configuration and seed of a new run; seeds every random generator."""
+    if list_checkpoints(params_dir):
+        raise UserError(f"{params_dir} already holds checkpoints of a run: continue it with --resume, "
+                        "or give another --out_dir (or remove them) to start afresh")
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return make_config(args), seed
+
+
+# ====================================================================== metrics.jsonl
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged iteration or evaluation, on disk as soon as written.
+
+    Opening it rewrites the file with `kept` (a resumed run drops what the stopped run logged
+    after its checkpoint); `lines` is everything so far, for the plots.
+    """
+
+    def __init__(self, path, kept=()):
+        self.path, self.lines, self.file = path, list(kept), None
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(json.dumps(m) + "\n" for m in self.lines))
+
+    def __enter__(self):
+        try:
+            self.file = open(self.path, "a")
+        except OSError as e:
+            raise UserError(f"cannot write {self.path}: {e.strerror or e}")
+        return self
+
+    def __exit__(self, *exc):
+        with contextlib.suppress(OSError):
+            self.file.close()
+
+    def add(self, m):
+        self.lines.append(m)
+        try:
+            self.file.write(json.dumps(m) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise UserError(f"cannot write {self.path}: {e.strerror or e}")
+
+
+def metrics_until(path, ckpt, log):
+    """The metrics.jsonl lines up to a checkpoint: what the stopped run logged after it is dropped,
+    and so are lines that are not metrics (cut short by a kill, or edited)."""
+    if not path.exists():
+        return []
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}")
+    kept, odd = [], 0
+    saved = (ckpt["pass"], ckpt["iteration"])
+    for line in text.splitlines():
+        try:
+            m = json.loads(line)
+            at = (m["pass"], m["iteration"])
+            if not all(is_int(v) for v in at):
+                raise TypeError
+        except (ValueError, TypeError, KeyError):
+            odd += line.strip() != ""
+            continue
+        if at < saved or ("eval" in m and at == saved):  # the evaluation after a pass belongs with its checkpoint
+            kept.append(m)
+    if odd:
+        log(f"{path}: {odd} line{'s' * (odd > 1)} that are not metrics left out")
+    return kept
+
+
+# ====================================================================== pictures and plots
+
+@torch.no_grad()
+def generate_samples(gen, noise, batch_size, generator=None):
+    """G's output for `noise`, in batches of batch_size: batch norm sees the batch
+    statistics G was trained with (the last batch is topped up with extra noise)."""
+    out = []
+    for chunk in noise.split(batch_size):
+        if len(chunk) < batch_size:
+            extra = torch.randn(batch_size - len(chunk), chunk.shape[1], generator=generator).to(chunk.device)
+            out.append(gen(torch.cat([chunk, extra]))[:len(chunk)])
+        else:
+            out.append(gen(chunk))
+    return torch.cat(out).float()
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (imported on first use: it is slow to load)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_sample_grid(images, path):
+    """An 8 x 8 grid of the first 64 images, no padding (224 x 224 for mnist, 256 x 256 for cifar)."""
+    from torchvision.utils import save_image
+    with atomic_path(path) as tmp:
+        save_image(images[:64].cpu(), tmp, nrow=8, padding=0, normalize=True, value_range=(-1, 1), format="png")
+
+
+def save_scatter(points, path, title=""):
+    """Generated 2-D points over the target square [0, 1]^2, on fixed axes so passes compare."""
+    plt = pyplot()
+    pts = points.cpu().numpy()
+    lo, hi = -1.0, 2.0
+    inside = ((pts >= 0) & (pts < 1)).all(1).mean()
+    off_view = (~((pts >= lo) & (pts <= hi)).all(1)).sum()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.add_patch(plt.Rectangle((0, 0), 1, 1, fill=False, color="tab:red", lw=1.5, label="target [0,1]^2"))
+    ax.scatter(pts[:, 0], pts[:, 1], s=4, alpha=0.6, label="generated")
+    note = f"{inside:.0%} inside the square" + (f", {off_view} of {len(pts)} beyond this view" if off_view else "")
+    ax.set(xlim=(lo, hi), ylim=(lo, hi), aspect="equal", title=f"{title}\n{note}".strip())
+    ax.legend(loc="upper right", fontsize=8)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+
+
+def save_samples(samples, path, title=""):
+    if samples.dim() == 4:
+        save_sample_grid(samples, path)
+    else:
+        save_scatter(samples, path, title)
+
+
+def plot_losses(metrics, path):
+    """losses.png: the four losses at the logged iterations and the share of iterations D trained."""
+    if not metrics:
+        return
+    plt = pyplot()
+    metrics = [m for m in metrics if "d_loss" in m]  # leave out the evaluation lines
+    x = [m["step"] for m in metrics]
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
+    for key in ("d_pos_loss", "d_neg_loss", "d_loss", "g_loss"):
+        ax.plot(x, [m[key] for m in metrics], label=key, lw=1)
+    ax.axhline(math.log(2), color="k", ls="--", lw=0.8, label="-log(0.5)")
+    ax.set(ylabel="cross-entropy")
+    ax.legend(fontsize=8, ncol=5)
+    ax2.plot(x, [m["d_share"] for m in metrics], color="tab:purple", lw=1)
+    ax2.set(xlabel="iteration", ylabel="share D trained", ylim=(0, 1))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+
+
+def write_progress_gif(samples_dir, passes, path, gray=False, most=GIF_FRAMES):
+    """progress.gif: the per-pass pictures (same fixed noise) as an animation.
+
+    At most `most` frames, spread evenly over the passes so far (the first and the newest
+    always): rewriting it each pass then stays cheap in a 100-pass run.
+    """
+    from PIL import Image
+    shown = range(passes) if passes <= most else sorted({round(i * (passes - 1) / (most - 1)) for i in range(most)})
+    pictures = [samples_dir / f"train_pass{p}.png" for p in shown]
+    # GIF frames have 256 colours; the fast octree palette is 3x quicker than Pillow's default
+    frames = [Image.open(p).convert("L") if gray else
+              Image.open(p).convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE)
+              for p in pictures if p.exists()]
+    if frames:
+        with atomic_path(path) as tmp:
+            frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=400, loop=0)
+
+
+# ====================================================================== the console
+
+def write_stdout(line):
+    """print(line); a reader that went away (`| head`) silences stdout instead of ending the run."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # later writes, and the flush at exit, go nowhere
+        os.close(devnull)
+
+
+def write_stderr(line):
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        pass
+
+
+class Printer:
+    """Log lines on stdout; a tqdm progress bar per pass on a terminal, unless --quiet."""
+
+    def __init__(self, quiet):
+        self.show_bar = sys.stdout.isatty() and not quiet
+        self.bar = None
+
+    def __call__(self, *lines):
+        for line in lines:
+            if self.bar is not None:
+                self.bar.write(line)
+            else:
+                write_stdout(line)
+
+    def start_pass(self, pass_id, total, done):
+        if self.show_bar:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=done, desc=f"pass {pass_id}", unit="it", leave=False, miniters=1,
+                            dynamic_ncols=True)
+
+    def update(self, n=1, **postfix):
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def end_pass(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def choose_device(use_gpu, gpu_id, log):
+    if use_gpu == "0":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        log("CUDA is not available: running on the CPU")
+        return torch.device("cpu")
+    if gpu_id >= torch.cuda.device_count():
+        raise UserError(f"--gpu_id {gpu_id}: no such GPU (this machine has {torch.cuda.device_count()})")
+    torch.cuda.set_device(gpu_id)  # streams and graphs are made on the current device
+    return torch.device(f"cuda:{gpu_id}")
+
+
+STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (Ctrl-C, SIGTERM, SIGHUP) outside the training loop."""
+
+
+@contextlib.contextmanager
+def signals_interrupt():
+    """SIGTERM and SIGHUP act as Ctrl-C does: the action in hand ends (main prints one line)."""
+    def interrupt(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+    previous = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class StopRequest:
+    """In the training loop, a stop signal sets a flag that the loop checks between iterations
+    (it then writes a checkpoint); a second one aborts at once."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signal is not None:
+            raise Interrupted(signal.Signals(signum).name)
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+# ###################################################################### 3. SPEED
+#
+# Every class here reproduces train_step (or the torch piece it replaces) with fewer launches,
+# fewer Python calls or faster kernels; tests/test_step_equivalence.py and
+# tests/test_compiled_step.py prove each equal to it, bit for bit or to float rounding.
+# What a run uses is decided once, at start-up, as a Speed (printed, stored in checkpoints).
+
+@dataclasses.dataclass(frozen=True)
+class Speed:
+    """How the iterations are computed. None of it changes the mathematics (bf16 changes its
+    precision); every field can change the float rounding, so a run resumed with other values
+    than it was made with goes on correctly but not bit for bit as an unbroken run would."""
+    device: str = "cpu"
+    threads: int = 1
+    channels_last: bool = False
+    bf16: bool = False
+    cuda_graphs: bool = False
+    compile: bool = False
+
+    @classmethod
+    def decide(cls, args, cfg, device, saved=None, log=print):
+        """The speed options of a run: the flags given, else (bf16, layout) the run's own when it
+        resumes, else the defaults, which are the fastest measured (tests/BENCHMARKS.md)."""
+        if args.cuda_graphs and device.type != "cuda":
+            log("--cuda_graphs 1 needs a GPU: running eagerly")
+        if args.compile and device.type != "cpu":
+            log("--compile 1 is for the CPU: ignored on a GPU (where --cuda_graphs speeds the step up)")
+        if device.type != "cpu":
+            threads = torch.get_num_threads()
+        else:  # 1 for the tiny uniform nets: their ops are too small to share out between threads
+            threads = args.threads or (1 if not cfg.is_image else torch.get_num_threads())
+        # channels-last: the same convolutions summed in another order, faster on the CPU
+        channels_last = (bool(args.channels_last) if args.channels_last is not None
+                         else saved.channels_last if saved else device.type == "cpu")
+        return cls(device=str(device), threads=threads,
+                   channels_last=cfg.is_image and channels_last,
+                   bf16=bool(args.bf16) if args.bf16 is not None else bool(saved and saved.bf16),
+                   # a graph launches an iteration's couple of hundred small kernels at once
+                   cuda_graphs=device.type == "cuda" and args.cuda_graphs != 0,
+                   # the tiny uniform nets are all per-call overhead; images, convolutions
+                   compile=device.type == "cpu" and (bool(args.compile) if args.compile is not None
+                                                     else not cfg.is_image))
+
+    @classmethod
+    def from_dict(cls, d, need):
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        need(has_keys(d, fields) and all(type(d[k]) is t for k, t in fields.items()) and d["threads"] >= 1,
+             f"options.speed must be {{{', '.join(f'{k}: {t.__name__}' for k, t in fields.items())}}}")
+        return cls(**d)
+
+    def describe(self):
+        flags = [f"{name.replace('_', '-')} {'on' if value else 'off'}"
+                 for name, value in dataclasses.asdict(self).items() if type(value) is bool]
+        return f"{self.device}, {self.threads} thread{'s' * (self.threads > 1)}, " + ", ".join(flags)
+
+    def differences(self, other):
+        return [f"{k} {v} (the run: {getattr(other, k)})" for k, v in dataclasses.asdict(self).items()
+                if getattr(other, k) != v]
+
+
+def apply_to_process(speed):
+    """The process-wide settings: torch's CPU threads and glibc's reuse of freed memory."""
+    if speed.device == "cpu":
+        torch.set_num_threads(speed.threads)
+        keep_freed_memory()
+
+
+def prepare_nets(nets, speed, device):
+    """G and D on the device, laid out as the speed options say (the same state dicts)."""
+    gen, dis = (net.to(device) for net in nets)
+    if speed.channels_last:
+        gen, dis = gen.to(memory_format=torch.channels_last), dis.to(memory_format=torch.channels_last)
+    if speed.bf16 and torch.device(device).type == "cpu":
+        use_fast_deconvolutions(gen)
+    return gen, dis
+
+
+def make_autocast(device, bf16):
+    if not bf16:
+        return contextlib.nullcontext
+    # no weight cache: it would not survive CUDA graph replay, and D's weights are cast twice at most
+    return lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=False)
+
+
+def make_step(run, log=print):
+    """The iteration as a function (x, z, schedule) -> Step: train_step, its replay from CUDA
+    graphs (GPU), or its compiled form (CPU)."""
+    nets = (run.gen, run.dis, run.opt_g, run.opt_d, run.autocast)
+    if run.speed.cuda_graphs:
+        return GraphedStep(*nets)
+    if run.speed.compile:
+        return CompiledStep(*nets, log=log)
+    return functools.partial(train_step, *nets[:4], autocast=run.autocast)
+
+
+# ====================================================================== threads and memory
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+
+
+def keep_freed_memory():
+    """Have glibc's malloc keep freed memory for reuse; True where the setting took.
+
+    Each iteration frees and allocates the same activation tensors of a few MB. By default
+    glibc gives some of them back to the OS and takes them again page by page, thousands of
+    page faults per mnist iteration on the CPU. Kept, the memory stays at its peak, which the
+    first iterations reach anyway. Does nothing off glibc. (There is no way back: once set,
+    glibc's self-adjusting thresholds stay off for the process.)
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # not glibc, or no C library to ask (Windows)
+        return False
+    # 32 MiB: the documented upper limit of the mmap threshold on 64-bit glibc; bigger blocks
+    # (the data set) are made once. Up to 1 GiB of free memory at the heap's top is kept.
+    took_mmap = mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    took_trim = mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    return bool(took_mmap and took_trim)
+
+
+# ====================================================================== Adam
+
+class Adam(torch.optim.Adam):
+    """torch.optim.Adam; with fused=True and its state made, step() calls the fused kernel itself.
+
+    Adam.step()'s per-call Python bookkeeping costs more than the whole update of the tiny
+    uniform nets. This runs what Adam's fused path runs, on Adam's own state (state_dict,
+    checkpoints and resume are unchanged); tests/test_step_equivalence.py checks it equals
+    torch's step() bit for bit. The first step, and anything unusual, take torch's own path.
+    """
+
+    def step(self, closure=None):
+        group = self.param_groups[0]
+        params = group["params"]
+        states = [self.state[p] for p in params]
+        if (closure is not None or len(self.param_groups) != 1 or not all(states) or group["amsgrad"]
+                or not group["fused"] or not hasattr(torch, "_fused_adam_")):
+            return super().step(closure)
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1)
+        torch._fused_adam_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                           [s["exp_avg_sq"] for s in states], [], steps, amsgrad=False, lr=group["lr"],
+                           beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=group["weight_decay"],
+                           eps=group["eps"], maximize=group["maximize"], grad_scale=None, found_inf=None)
+
+
+# ====================================================================== CUDA graphs
+
+class GraphedStep:
+    """train_step replayed from CUDA graphs (--cuda_graphs 1, GPU only).
+
+    The nets are small, so an eager iteration keeps the GPU waiting on Python to launch a
+    couple of hundred tiny kernels; a graph launches them all in one call. The graphs are
+    made of train_step's own functions over fixed input buffers: the evaluation alone, and
+    the evaluation followed by each net's update. An iteration replays the evaluation, reads
+    the losses, chooses, and replays the chosen net's graph, which evaluates D(G(z)) again (the
+    same kernels on the same inputs: the same values) and updates. Capturing needs a few warm-up
+    updates; parameters and Adam state are put back afterwards, so the run is unchanged.
+
+    The returned Step's logits are the graphs' output buffers: valid until the next call (its
+    logged batches are copies). capture=False runs the same functions without graphs (how the
+    CPU tests check the logic).
+    """
+
+    def __init__(self, gen, dis, opt_g, opt_d, autocast, capture=True):
+        self.nets, self.opts, self.autocast, self.capture = (gen, dis), (opt_g, opt_d), autocast, capture
+        self.x = self.z = None
+
+    def _build(self, x, z):
+        gen, dis = self.nets
+        opt_g, opt_d = self.opts
+        self.x, self.z = x.clone(), z.clone()  # clone keeps x's memory format
+
+        def evaluate():
+            return evaluate_losses(gen, dis, self.x, self.z, self.autocast)
+
+        def train_dis():
+            return update_dis(evaluate_losses(gen, dis, self.x, self.z, self.autocast, real=False),
+                              dis, opt_d, self.x, self.autocast)
+
+        def train_gen():
+            return update_gen(evaluate_losses(gen, dis, self.x, self.z, self.autocast, real=False), opt_g)
+
+        # the graphs read the cached label batches (LABELS is never emptied; held here all the same)
+        self.labels = [labels(len(x), label, x.device) for label in (REAL, FAKE)]
+        saved = [t.detach().clone() for t in self._state()]
+        fresh = {id(p) for opt in self.opts for p in opt.param_groups[0]["params"] if not opt.state.get(p)}
+        self.graphs, self.outputs = {}, {}
+        try:
+            for name, fn in (("eval", evaluate), ("dis", train_dis), ("gen", train_gen)):
+                self.graphs[name], self.outputs[name] = capture_graph(fn, self.capture)
+        except Exception as e:
+            raise UserError(f"capturing CUDA graphs failed ({in_one_line(e)}); run with --cuda_graphs 0")
+        finally:
+            self._put_back(saved, fresh)
+
+    def _put_back(self, saved, fresh):
+        """Undo the warm-up updates: the saved tensors back in place (the graphs hold their
+        addresses); Adam state they created starts at zero, as a first opt.step() creates it."""
+        with torch.no_grad():
+            for t, s in zip(self._state(fresh), saved):
+                t.copy_(s)
+            for opt in self.opts:
+                for p in opt.param_groups[0]["params"]:
+                    if id(p) in fresh:
+                        for t in opt.state[p].values():
+                            t.zero_()
+
+    def _state(self, skip=()):
+        """Every tensor a warm-up update changes: parameters, buffers, Adam state (not of `skip`)."""
+        tensors = [t for net in self.nets for t in net.state_dict().values()]
+        for opt in self.opts:
+            for p in opt.param_groups[0]["params"]:
+                if id(p) not in skip:
+                    tensors += [t for t in opt.state[p].values() if torch.is_tensor(t)]
+        return tensors
+
+    def __call__(self, x, z, schedule):
+        if self.x is None:
+            self._build(x, z)
+        self.x.copy_(x)
+        self.z.copy_(z)
+        step = choose(self._run("eval"), schedule)
+        if step.trained:
+            # the graphs' outputs are overwritten by the next replay: the log keeps copies
+            step.batches = [(c.clone(), logits.clone(), label) for c, logits, label in self._run(step.trained)]
+        return step
+
+    def _run(self, name):
+        if not self.capture:
+            return self.graphs[name]()
+        self.graphs[name].replay()
+        return self.outputs[name]
+
+
+def capture_graph(fn, capture=True, warmup=2):
+    """A CUDA graph of fn() and its (static) output, after warm-up runs on a side stream;
+    capture=False: the warm-up runs only, and (fn, None)."""
+    if not capture:
+        for _ in range(warmup):
+            fn()
+        return fn, None
+    if hasattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch"):
+        # it warns of the side-stream warm-up that capturing asks for; the capture works (seen on an H200)
+        torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+# ====================================================================== the compiled step
+
+class CompiledStep:
+    """train_step as two torch.compile'd functions (--compile 1, the CPU's default for uniform).
+
+    The uniform nets are so small that an eager iteration is nearly all per-call overhead:
+    about a hundred operator calls and autograd nodes. Compiled, one call evaluates the losses
+    and, at the same parameters, the gradients of both updates the choice may pick: G's from
+    g_loss and D's from d_neg_loss (the gradient left unused costs less than a second call
+    would). The chosen net's gradients go to its Adam; D's update on the real batch, which comes
+    after its first update, is the second compiled function. The arithmetic is train_step's,
+    rounded differently where the compiler fuses operations.
+
+    The first call compiles (seconds); if that fails (no C++ compiler, an older torch), the
+    run goes on eagerly with train_step after a note.
+    """
+
+    def __init__(self, gen, dis, opt_g, opt_d, autocast, log=print):
+        self.opts, self.log = {"gen": opt_g, "dis": opt_d}, log
+        self.eager = functools.partial(train_step, gen, dis, opt_g, opt_d, autocast=autocast)
+        self.ready, self.evaluate, self.dis_on_real = False, None, None  # compiled by the first call
+        params = {net: opt.param_groups[0]["params"] for net, opt in self.opts.items()}
+
+        def evaluate(x, z):
+            losses = evaluate_losses(gen, dis, x, z, autocast)
+            grads = {"gen": torch.autograd.grad(losses.g_loss, params["gen"], retain_graph=True),
+                     "dis": torch.autograd.grad(losses.d_neg_loss, params["dis"])}
+            values = torch.stack([losses.d_pos_loss, losses.d_neg_loss, losses.g_loss]).detach()
+            return values, losses.real_logits, losses.fake_logits.detach(), grads
+
+        def dis_on_real(x):
+            real_cost, logits = cost_on_real(dis, x, autocast)
+            return real_cost.detach(), logits.detach(), torch.autograd.grad(real_cost, params["dis"])
+
+        self.functions = evaluate, dis_on_real
+
+    def _compile(self, x, z):
+        """Compile both functions on the first batch (their calls change nothing), or fall back."""
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
+        for label in (REAL, FAKE):
+            labels(len(x), label, x.device)
+        started = time.time()
+        try:
+            import torch._dynamo
+            torch._dynamo.config.trace_autograd_ops = True  # torch.autograd.grad inside the graph (torch 2.14)
+            self.evaluate, self.dis_on_real = (torch.compile(f, fullgraph=True, dynamic=False)
+                                               for f in self.functions)
+            self.evaluate(x, z)
+            self.dis_on_real(x)
+            self.log(f"compiled the training step in {time.time() - started:.1f} s "
+                     "(torch.compile; --compile 0 runs it eagerly)")
+        except Exception as e:
+            self.log(f"torch.compile failed ({in_one_line(e)}); running eagerly, as --compile 0 does")
+            self.evaluate = None
+        self.ready = True
+
+    def __call__(self, x, z, schedule):
+        if not self.ready:
+            self._compile(x, z)
+        if self.evaluate is None:
+            return self.eager(x, z, schedule)
+        values, real_logits, fake_logits, grads = self.evaluate(x, z)
+        step = choose(Losses(values[0], values[1], values[2], real_logits, fake_logits), schedule)
+        if step.trained:
+            self.descend(grads[step.trained], step.trained)
+        if step.trained == "dis":
+            real_cost, logits, real_grads = self.dis_on_real(x)
+            self.descend(real_grads, "dis")
+            step.batches = [(values[1], fake_logits, FAKE), (real_cost, logits, REAL)]
+        elif step.trained == "gen":
+            step.batches = [(values[2], fake_logits, REAL)]
+        return step
+
+    def descend(self, grads, net):
+        """One Adam step of a net with gradients computed already."""
+        opt = self.opts[net]
+        for p, g in zip(opt.param_groups[0]["params"], grads):
+            p.grad = g
+        opt.step()
+
+
+# ====================================================================== the bf16 transposed convolution
+
+def use_fast_deconvolutions(net):
+    """Make the net's transposed convolutions FastConvTranspose2d: the same modules, parameters
+    and state dict, with a faster forward where it applies."""
+    for m in net.modules():
+        if type(m) is nn.ConvTranspose2d:
+            m.__class__ = FastConvTranspose2d
+
+
+class FastConvTranspose2d(nn.ConvTranspose2d):
+    """nn.ConvTranspose2d, with one faster case: under bf16 autocast on the CPU, a layer whose
+    kernel covers its whole input map (the first of mnist, 3 x 3 -> 7 x 7 with kernel 5, and
+    of cifar) computes its forward as what a transposed convolution is, the input gradient of
+    the convolution with the same weight, for which oneDNN has a much faster kernel at this
+    shape (tests/BENCHMARKS.md). Everything else is nn's."""
+
+    def forward(self, x, output_size=None):
+        if (output_size is None and x.dim() == 4 and x.device.type == "cpu"
+                and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+                and all(k >= n for k, n in zip(self.kernel_size, x.shape[2:]))):
+            with torch.autocast("cpu", enabled=False):  # the casts autocast would make, made here
+                bias = None if self.bias is None else self.bias.bfloat16()
+                return AdjointConvTranspose.apply(x.bfloat16(), self.weight.bfloat16(), bias, self)
+        return super().forward(x, output_size)
+
+
+class AdjointConvTranspose(torch.autograd.Function):
+    """conv_transpose2d(x, weight, bias) for a ConvTranspose2d m, its forward computed as a
+    convolution's input gradient; the backward is the transposed convolution's own."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, m):
+        ctx.save_for_backward(x, weight)
+        ctx.m = m
+        size = [(n - 1) * s - 2 * p + d * (k - 1) + op + 1
+                for n, s, p, d, k, op in zip(x.shape[2:], m.stride, m.padding, m.dilation, m.kernel_size, m.output_padding)]
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        like = torch.empty((len(x), m.out_channels, *size), dtype=x.dtype, device=x.device,
+                           memory_format=fmt)  # only its shape and layout count
+        y = torch.ops.aten.convolution_backward(x, like, weight, None, m.stride, m.padding, m.dilation,
+                                                False, [0, 0], m.groups, [True, False, False])[0]
+        return y if bias is None else y + bias.view(1, -1, 1, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        m = ctx.m
+        bias_sizes = [m.out_channels] if ctx.needs_input_grad[2] else None
+        grads = torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, m.stride, m.padding, m.dilation,
+                                                    True, m.output_padding, m.groups, ctx.needs_input_grad[:3])
+        return *grads, None
+
+
+# ###################################################################### 4. APPLYING G
+#
+# What a trained generator is for: samples (--generate), and scores of how good they are
+# (--evaluate, --eval_every) against the real data, with the floor real data itself reaches.
+
+def load_generator(args, device):
+    params_dir = Path(args.out_dir) / f"{args.data_source}_params"
+    ckpt = load_checkpoint(args.params or params_dir, args.data_source)
+    cfg = config_from_checkpoint(ckpt)
+    gen, _ = build_nets(cfg)
+    gen.load_state_dict(ckpt["generator"])
+    return cfg, gen.to(device), ckpt["path"]
+
+
+def output_stem(output, default):
+    """FILE of --output FILE (FILE.npy and FILE.png are written); a folder is refused."""
+    out = Path(output or default)
+    if out.suffix in (".npy", ".png"):
+        out = out.with_suffix("")
+    if out.name in ("", ".", "..") or out.is_dir():
+        raise UserError(f"--output {output} is a folder: give a file name, such as {out / 'generated'} "
+                        "(FILE.npy and FILE.png are written)")
+    return out
+
+
+def generate(args):
+    """The tutorial's last step: noise through the trained G; writes FILE.npy and FILE.png."""
+    device = choose_device(args.use_gpu, args.gpu_id, write_stdout)
+    out = output_stem(args.output, Path(args.out_dir) / f"{args.data_source}_samples" / "generated")
+    cfg, gen, path = load_generator(args, device)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    samples = generate_samples(gen, torch.randn(args.generate, cfg.noise_dim, device=device), cfg.batch_size)
+    samples = samples.clamp(-1, 1) if cfg.is_image else samples
+    npy, png = out.with_name(out.name + ".npy"), out.with_name(out.name + ".png")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot make the folder {out.parent}: {e.strerror or e}")
+    with atomic_path(npy) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, samples.cpu().numpy().astype(np.float32))
+    save_samples(samples, png, title=f"{args.generate} samples from {path.name}")
+    write_stdout(f"wrote {args.generate} samples of shape {tuple(samples.shape[1:])} from {path} to {npy} and {png}")
+
+
+def evaluate(args):
+    """Score a trained generator offline (see the README for what each figure means)."""
+    check_evaluable(args.data_source, args.data_dir)
+    device = choose_device(args.use_gpu, args.gpu_id, write_stdout)
+    cfg, gen, path = load_generator(args, device)
+    torch.manual_seed(args.seed if args.seed is not None else 0)
+    data = load_data(cfg, args.data_dir, torch.device("cpu")) if cfg.data_source != "uniform" else None
+    evaluator = Evaluator(cfg, args.data_dir, data, write_stdout)
+    samples = generate_samples(gen, torch.randn(args.samples, cfg.noise_dim, device=device), cfg.batch_size)
+    write_stdout(f"{path}: {args.samples} samples: {format_scores(evaluator.score(samples))}")
+    write_stdout(f"real data (floor): {format_scores(evaluator.floor(args.samples))}")
+
+
+def check_evaluable(data_source, data_dir):
+    """Refuse early what evaluating could not finish: cifar, or MNIST files it would need later."""
+    if data_source == "cifar":
+        raise UserError("no offline feature extractor for CIFAR-10 is available here "
+                        "(an Inception network would need downloaded weights); look at the sample grids")
+    if data_source == "mnist":
+        needed = ["train-images-idx3-ubyte", "t10k-images-idx3-ubyte"]
+        if not (Path(data_dir) / "mnist_classifier.pt").exists():  # the classifier is trained first
+            needed += ["train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"]
+        for name in needed:
+            find_mnist_file(data_dir, name)
+
+
+class Evaluator:
+    """Scores generated samples against the real data; holds what is computed once."""
+
+    def __init__(self, cfg, data_dir, data, log=print):
+        self.cfg = cfg
+        if cfg.data_source == "mnist":
+            self.classifier = load_digit_classifier(data_dir, log)
+            test = to_unit_range(torch.from_numpy(load_mnist(data_dir, "test").copy()))
+            self.test_features, _ = self.features(test)
+            self.train = data.cpu()
+            # typical nearest-neighbour distance between training images: median over 500 of them
+            k = min(500, len(self.train) // 2)
+            probe = to_unit_range(self.train[:k]).flatten(1)
+            rest = to_unit_range(self.train[k:k + 10000]).flatten(1)
+            self.typical_nn = torch.cdist(probe, rest).min(1).values.median().item()
+
+    @torch.no_grad()
+    def features(self, images):
+        """The digit classifier's penultimate features of images, and the digits it reads."""
+        feats, digits = [], []
+        for chunk in images.split(500):
+            f = self.classifier.features(chunk.float().cpu())
+            feats.append(f)
+            digits.append(self.classifier.head(f).argmax(1))
+        return torch.cat(feats), torch.cat(digits)
+
+    def score(self, samples):
+        if self.cfg.data_source == "uniform":
+            reference = torch.rand(len(samples), 2, generator=torch.Generator().manual_seed(1))
+            return uniform_scores(samples.cpu(), reference)
+        feats, digits = self.features(samples)
+        scores = {"fid": frechet_distance(feats, self.test_features)}
+        scores.update(class_histogram_scores(digits))
+        scores["memorised"] = memorisation_share(to_unit_range(samples.cpu()), to_unit_range(self.train[:10000]),
+                                                 self.typical_nn)
+        return scores
+
+    def score_generator(self, run, n):
+        """The scores of n samples of a run's G, drawn with a generator of their own: evaluating
+        leaves the training's random stream untouched."""
+        rng = torch.Generator().manual_seed(run.seed + run.pass_id)
+        noise = torch.randn(n, run.cfg.noise_dim, generator=rng).to(run.device)
+        return self.score(generate_samples(run.gen, noise, run.cfg.batch_size, rng))
+
+    def floor(self, n):
+        """The same scores for real data (the best a generator could hope for)."""
+        if self.cfg.data_source == "uniform":
+            real = torch.rand(n, 2, generator=torch.Generator().manual_seed(2))
+            return self.score(real)
+        return self.score(to_unit_range(self.train[-min(n, 10000):]))
+
+
+def format_scores(scores):
+    return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in scores.items() if k != "class_shares")
+
 
 def sliced_wasserstein(a, b, projections=256, seed=0):
     """Sliced Wasserstein-1 distance between two equal-size 2-D point sets."""
@@ -1028,7 +1888,7 @@ def frechet_distance(f1, f2):
     e1, v1 = torch.linalg.eigh(c1)
     s1 = (v1 * e1.clamp(min=0).sqrt()) @ v1.T
     tr_sqrt = torch.linalg.eigvalsh(s1 @ c2 @ s1).clamp(min=0).sqrt().sum()
-    return ((mu1 - mu2).square().sum() + c1.trace() + c2.trace() - 2 * tr_sqrt).item()
+    return max(0.0, ((mu1 - mu2).square().sum() + c1.trace() + c2.trace() - 2 * tr_sqrt).item())  # not -1e-12
 
 
 def class_histogram_scores(predicted, classes=10):
@@ -1095,664 +1955,7 @@ def load_digit_classifier(data_dir, log=print):
     return train_digit_classifier(data_dir, path, log)
 
 
-def check_evaluable(data_source, data_dir):
-    """Refuse early what evaluating could not finish: cifar, or MNIST files it would need later."""
-    if data_source == "cifar":
-        raise UserError("no offline feature extractor for CIFAR-10 is available here "
-                        "(an Inception network would need downloaded weights); look at the sample grids")
-    if data_source == "mnist":
-        needed = ["train-images-idx3-ubyte", "t10k-images-idx3-ubyte"]
-        if not (Path(data_dir) / "mnist_classifier.pt").exists():  # the classifier is trained first
-            needed += ["train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"]
-        for name in needed:
-            find_mnist_file(data_dir, name)
-
-
-class Evaluator:
-    """Scores generated samples against the real data; holds what is computed once."""
-
-    def __init__(self, cfg, data_dir, data, log=print):
-        self.cfg = cfg
-        if cfg.data_source == "mnist":
-            self.classifier = load_digit_classifier(data_dir, log)
-            test = to_unit_range(torch.from_numpy(load_mnist(data_dir, "test").copy()))
-            self.test_features = self.features(test)
-            self.train = data.cpu()
-            # typical nearest-neighbour distance between training images: median over 500 of them
-            k = min(500, len(self.train) // 2)
-            probe = to_unit_range(self.train[:k]).flatten(1)
-            rest = to_unit_range(self.train[k:k + 10000]).flatten(1)
-            self.typical_nn = torch.cdist(probe, rest).min(1).values.median().item()
-
-    @torch.no_grad()
-    def features(self, images):
-        feats, preds = [], []
-        for chunk in images.split(500):
-            f = self.classifier.features(chunk.float().cpu())
-            feats.append(f)
-            preds.append(self.classifier.head(f).argmax(1))
-        self.last_predictions = torch.cat(preds)
-        return torch.cat(feats)
-
-    def score(self, samples):
-        if self.cfg.data_source == "uniform":
-            reference = torch.rand(len(samples), 2, generator=torch.Generator().manual_seed(1))
-            return uniform_scores(samples.cpu(), reference)
-        feats = self.features(samples)
-        scores = {"fid": frechet_distance(feats, self.test_features)}
-        scores.update(class_histogram_scores(self.last_predictions))
-        scores["memorised"] = memorisation_share(to_unit_range(samples.cpu()), to_unit_range(self.train[:10000]),
-                                                 self.typical_nn)
-        return scores
-
-    def floor(self, n):
-        """The same scores for real data (the best a generator could hope for)."""
-        if self.cfg.data_source == "uniform":
-            real = torch.rand(n, 2, generator=torch.Generator().manual_seed(2))
-            return self.score(real)
-        return self.score(to_unit_range(self.train[-min(n, 10000):]))
-
-
-def format_scores(scores):
-    return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in scores.items() if k != "class_shares")
-
-
-# ====================================================================== the run
-
-STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s)
-
-
-class Interrupted(KeyboardInterrupt):
-    """A stop signal (Ctrl-C, SIGTERM, SIGHUP) outside the training loop."""
-
-
-@contextlib.contextmanager
-def signals_interrupt():
-    """SIGTERM and SIGHUP act as Ctrl-C does: the action in hand ends (main prints one line)."""
-    def interrupt(signum, frame):
-        raise Interrupted(signal.Signals(signum).name)
-    previous = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-class StopRequest:
-    """In the training loop, a stop signal sets a flag that the loop checks between iterations
-    (it then writes a checkpoint); a second one aborts at once."""
-
-    def __init__(self):
-        self.signal = None
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
-        return self
-
-    def handle(self, signum, frame):
-        if self.signal is not None:
-            raise Interrupted(signal.Signals(signum).name)
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for s, h in self.previous.items():
-            signal.signal(s, h)
-
-
-def choose_device(use_gpu, gpu_id, log):
-    if use_gpu == "0":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        log("CUDA is not available: running on the CPU")
-        return torch.device("cpu")
-    if gpu_id >= torch.cuda.device_count():
-        raise UserError(f"--gpu_id {gpu_id}: no such GPU (this machine has {torch.cuda.device_count()})")
-    torch.cuda.set_device(gpu_id)  # streams and graphs are made on the current device
-    return torch.device(f"cuda:{gpu_id}")
-
-
-def output_dirs(out_dir, data_source):
-    samples, params = Path(out_dir) / f"{data_source}_samples", Path(out_dir) / f"{data_source}_params"
-    try:
-        for d in (samples, params):
-            d.mkdir(parents=True, exist_ok=True)
-            probe = d / f".write_test.{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write outputs under {out_dir}: {e.strerror or e}")
-    return samples, params
-
-
-@contextlib.contextmanager
-def lock_run_folder(params_dir):
-    """Hold an OS lock on the run's params folder while the run lasts (the OS drops it when the
-    process ends, even a killed one, so nothing stale is left): a second run there is refused
-    instead of mixing its files with this one's."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    path = Path(params_dir) / ".lock"
-    try:
-        lock = open(path, "a+")
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}")
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            raise UserError(f"{params_dir} is in use by another run (pid {lock.read().strip() or '?'}): "
-                            "wait for it to end, or give another --out_dir")
-        lock.truncate(0)
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
-        remove_stale_temporaries(params_dir)
-        remove_stale_temporaries(params_dir.parent / params_dir.name.replace("_params", "_samples"))
-        yield
-
-
-def make_config(args):
-    cfg = CONFIGS[args.data_source]
-    if cfg.is_image and (args.hidden_dim or args.g_sigmoid):
-        raise UserError("--hidden_dim and --g_sigmoid apply to -d uniform only")
-    overrides = {"passes": args.passes, "iters_per_pass": args.iters, "batch_size": args.batch_size, "lr": args.lr,
-                 "d_batch_norm": args.d_batch_norm, "hidden_dim": args.hidden_dim, "g_sigmoid": args.g_sigmoid}
-    return dataclasses.replace(cfg, **{k: type(getattr(cfg, k))(v) for k, v in overrides.items() if v is not None})
-
-
-def write_stdout(line):
-    """print(line); a reader that went away (`| head`) silences stdout instead of ending the run."""
-    try:
-        print(line, flush=True)
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # later writes, and the flush at exit, go nowhere
-        os.close(devnull)
-
-
-def write_stderr(line):
-    try:
-        print(line, file=sys.stderr, flush=True)
-    except BrokenPipeError:
-        pass
-
-
-class Printer:
-    """Log lines on stdout; a tqdm progress bar per pass on a terminal, unless --quiet."""
-
-    def __init__(self, quiet):
-        self.show_bar = sys.stdout.isatty() and not quiet
-        self.bar = None
-
-    def __call__(self, *lines):
-        for line in lines:
-            if self.bar is not None:
-                self.bar.write(line)
-            else:
-                write_stdout(line)
-
-    def start_pass(self, pass_id, total, done):
-        if self.show_bar:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=done, desc=f"pass {pass_id}", unit="it", leave=False, miniters=1,
-                            dynamic_ncols=True)
-
-    def update(self, n=1, **postfix):
-        if self.bar is not None:
-            self.bar.update(n)
-            if postfix:
-                self.bar.set_postfix(postfix, refresh=False)
-
-    def end_pass(self):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Speed:
-    """How the iterations are computed: decided once at start-up, printed in one line, stored in
-    each checkpoint. None of it changes the mathematics (bf16 changes its precision); every
-    field can change the float rounding, so a run resumed with other values than it was made
-    with continues correctly but not bit for bit as an unbroken run would."""
-    device: str
-    threads: int
-    channels_last: bool
-    bf16: bool
-    cuda_graphs: bool
-    compile: bool
-
-    @classmethod
-    def decide(cls, args, cfg, device, saved=None):
-        """The speed options of this run: the flags given, else (bf16, layout) the run's own when
-        it resumes, else the defaults."""
-        # 1 thread for the tiny uniform nets (their ops are too small to share out: more threads
-        # only add synchronisation); images take torch's default, one per core.
-        threads = args.threads or (1 if not cfg.is_image else torch.get_num_threads())
-        return cls(
-            device=str(device),
-            threads=threads if device.type == "cpu" else torch.get_num_threads(),
-            # channels-last convolutions win on the CPU (the same arithmetic, summed in another
-            # order); on a GPU they have not been measured, so they stay opt-in there
-            channels_last=cfg.is_image and (bool(args.channels_last) if args.channels_last is not None
-                                            else saved.channels_last if saved else device.type == "cpu"),
-            bf16=bool(args.bf16) if args.bf16 is not None else bool(saved and saved.bf16),
-            # a graph replays an iteration's couple of hundred kernels in one launch
-            cuda_graphs=device.type == "cuda" and args.cuda_graphs != 0,
-            # compiled: the tiny uniform nets are all per-call overhead; the image nets are bound
-            # by their convolutions
-            compile=device.type == "cpu" and (bool(args.compile) if args.compile is not None else not cfg.is_image),
-        )
-
-    @classmethod
-    def from_dict(cls, d, need):
-        fields = {f.name: f.type for f in dataclasses.fields(cls)}
-        need(has_keys(d, fields) and all(type(d[k]) is t for k, t in fields.items()) and d["threads"] >= 1,
-             f"options.speed must be {{{', '.join(f'{k}: {t.__name__}' for k, t in fields.items())}}}")
-        return cls(**d)
-
-    def describe(self):
-        flags = [f"{name.replace('_', '-')} {'on' if value else 'off'}" for name, value in dataclasses.asdict(self).items()
-                 if type(value) is bool]
-        return f"{self.device}, {self.threads} thread{'s' * (self.threads > 1)}, " + ", ".join(flags)
-
-    def differences(self, other):
-        return [f"{k} {v} (the run: {getattr(other, k)})" for k, v in dataclasses.asdict(self).items()
-                if getattr(other, k) != v]
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
-
-
-def keep_freed_memory():
-    """Have glibc's malloc keep freed memory for reuse; True where the setting took.
-
-    Each iteration frees and allocates the same activation tensors of a few MB. By default
-    glibc gives some of them back to the OS and takes them again page by page, thousands of
-    page faults per mnist iteration on the CPU. Kept, the memory stays at its peak, which the
-    first iterations reach anyway. Does nothing off glibc. (There is no way back: once set,
-    glibc's self-adjusting thresholds stay off for the process.)
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError, TypeError):  # not glibc, or no C library to ask (Windows)
-        return False
-    # 32 MiB: the documented upper limit of the mmap threshold on 64-bit glibc; bigger blocks
-    # (the data set) are made once. Up to 1 GiB of free memory at the heap's top is kept.
-    took_mmap = mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    took_trim = mallopt(M_TRIM_THRESHOLD, 1 << 30)
-    return bool(took_mmap and took_trim)
-
-
-def make_training(cfg, speed, device):
-    """G, D, their Adam optimizers and the autocast context for a configuration."""
-    gen, dis = (net.to(device) for net in build_nets(cfg))
-    if speed.channels_last:
-        gen, dis = gen.to(memory_format=torch.channels_last), dis.to(memory_format=torch.channels_last)
-    # fused: the whole Adam update of a net in one kernel (the same arithmetic, summed in
-    # another order); it is what makes the tiny uniform nets fast.
-    opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999), fused=True)
-    opt_d = torch.optim.Adam(dis.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999), fused=True)
-    return gen, dis, opt_g, opt_d, make_autocast(device, speed.bf16)
-
-
-def make_autocast(device, bf16):
-    if not bf16:
-        return contextlib.nullcontext
-    # no weight cache: it would not survive CUDA graph replay, and D's weights are cast twice at most
-    return lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=False)
-
-
-RESUME_KEEPS = (("--iters", "iters", "iters_per_pass"), ("--batch_size", "batch_size", "batch_size"),
-                ("--lr", "lr", "lr"), ("--hidden_dim", "hidden_dim", "hidden_dim"),
-                ("--d_batch_norm", "d_batch_norm", "d_batch_norm"), ("--g_sigmoid", "g_sigmoid", "g_sigmoid"))
-
-
-def load_resume_checkpoint(args, params_dir):
-    """The checkpoint --resume names (or the newest), and the metrics.jsonl beside it. Refused:
-    one older than the newest of its own folder (it would overwrite the newer ones), one from
-    elsewhere when this run's folder holds another run's files, flags that differ from it."""
-    ckpt = load_checkpoint(args.resume or params_dir, args.data_source)
-    source = ckpt["path"].parent
-    if source.resolve() == params_dir.resolve():
-        newer = [p for p in list_checkpoints(params_dir) if int(p.stem[5:]) > ckpt["pass"]]
-        if newer:
-            raise UserError(f"{newer[-1]} is newer than {ckpt['path']}: resuming from the older one would "
-                            f"overwrite the newer ones; move them away first, or --resume from the newest")
-    elif list_checkpoints(params_dir) or (params_dir / "metrics.jsonl").exists():
-        raise UserError(f"{params_dir} holds another run's files: resuming {ckpt['path']} there would mix "
-                        "the two runs; give an --out_dir without them (the run continues there)")
-    cfg = config_from_checkpoint(ckpt)
-    for flag, arg, field in RESUME_KEEPS:
-        given, kept = getattr(args, arg), getattr(cfg, field)
-        if given is not None and type(kept)(given) != kept:
-            raise UserError(f"{flag} {given} differs from the run's {kept}: a resumed run keeps its "
-                            "configuration (a new run, in another --out_dir, can change it)")
-    if args.seed is not None and args.seed != ckpt["options"]["seed"]:
-        raise UserError(f"--seed {args.seed} differs from the run's {ckpt['options']['seed']}: a resumed run keeps its seed")
-    return ckpt, source / "metrics.jsonl"
-
-
-def fresh_config(args, params_dir):
-    """Configuration and seed of a new run; seeds every random generator."""
-    if list_checkpoints(params_dir):
-        raise UserError(f"{params_dir} already holds checkpoints of a run: continue it with --resume, "
-                        "or give another --out_dir (or remove them) to start afresh")
-    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    return make_config(args), seed
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per logged iteration or evaluation, on disk as soon as written.
-
-    Opening it rewrites the file with `kept` (a resumed run drops what the stopped run logged
-    after its checkpoint); `lines` is everything so far, for the plots.
-    """
-
-    def __init__(self, path, kept=()):
-        self.path, self.lines, self.file = path, list(kept), None
-        with atomic_path(path) as tmp:
-            tmp.write_text("".join(json.dumps(m) + "\n" for m in self.lines))
-
-    def __enter__(self):
-        try:
-            self.file = open(self.path, "a")
-        except OSError as e:
-            raise UserError(f"cannot write {self.path}: {e.strerror or e}")
-        return self
-
-    def __exit__(self, *exc):
-        with contextlib.suppress(OSError):
-            self.file.close()
-
-    def add(self, m):
-        self.lines.append(m)
-        try:
-            self.file.write(json.dumps(m) + "\n")
-            self.file.flush()
-        except OSError as e:
-            raise UserError(f"cannot write {self.path}: {e.strerror or e}")
-
-
-def metrics_until(path, ckpt, log):
-    """The metrics.jsonl lines up to a checkpoint: what the stopped run logged after it is dropped,
-    and so are lines that are not metrics (cut short by a kill, or edited)."""
-    if not path.exists():
-        return []
-    try:
-        text = path.read_bytes().decode("utf-8", errors="replace")
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}")
-    kept, odd = [], 0
-    saved = (ckpt["pass"], ckpt["iteration"])
-    for line in text.splitlines():
-        try:
-            m = json.loads(line)
-            at = (m["pass"], m["iteration"])
-            if not all(is_int(v) for v in at):
-                raise TypeError
-        except (ValueError, TypeError, KeyError):
-            odd += line.strip() != ""
-            continue
-        if at < saved or ("eval" in m and at == saved):  # the evaluation after a pass belongs with its checkpoint
-            kept.append(m)
-    if odd:
-        log(f"{path}: {odd} line{'s' * (odd > 1)} that are not metrics left out")
-    return kept
-
-
-def train(args):
-    log = Printer(args.quiet)
-    if args.eval_every:
-        check_evaluable(args.data_source, args.data_dir)
-    device = choose_device(args.use_gpu, args.gpu_id, log)
-    samples_dir, params_dir = output_dirs(args.out_dir, args.data_source)
-    with lock_run_folder(params_dir):
-        run_training(args, log, device, samples_dir, params_dir)
-
-
-def run_training(args, log, device, samples_dir, params_dir):
-
-    # --- configuration: the one the checkpoint was made with, or a fresh one
-    ckpt, saved_speed, kept = None, None, []
-    if args.resume is not None:
-        ckpt, metrics_source = load_resume_checkpoint(args, params_dir)
-        cfg, seed = config_from_checkpoint(ckpt), ckpt["options"]["seed"]
-        if args.passes is not None:  # --passes sets the run's new total
-            cfg = dataclasses.replace(cfg, passes=args.passes)
-        saved_speed = Speed(**ckpt["options"]["speed"])
-        kept = metrics_until(metrics_source, ckpt, log)
-    else:
-        cfg, seed = fresh_config(args, params_dir)
-    if args.cuda_graphs and device.type != "cuda":
-        log("--cuda_graphs 1 needs a GPU: running eagerly")
-    if args.compile and device.type != "cpu":
-        log("--compile 1 is for the CPU: ignored on a GPU (where --cuda_graphs speeds the step up)")
-    speed = Speed.decide(args, cfg, device, saved_speed)
-
-    # --- data, nets, optimizers
-    if device.type == "cpu":
-        torch.set_num_threads(speed.threads)
-        keep_freed_memory()
-    data = load_data(cfg, args.data_dir, device, seed)
-    gen, dis, opt_g, opt_d, autocast = make_training(cfg, speed, device)
-    train_one = make_step(gen, dis, opt_g, opt_d, autocast, speed.cuda_graphs, compiled=speed.compile, log=log)
-    memory_format = torch.channels_last if speed.channels_last else torch.contiguous_format
-    # Fixed noise for the per-pass pictures, so that passes compare: whole batches,
-    # enough for 64 images or 1024 points.
-    shown = 64 if cfg.is_image else 1024
-    fixed_noise = torch.randn(-(-shown // cfg.batch_size) * cfg.batch_size, cfg.noise_dim, device=device)
-    logs = {"dis": TrainerLog("discriminator", cfg.batch_size), "gen": TrainerLog("generator", cfg.batch_size)}
-    schedule, start_pass, start_iter, steps, elapsed0 = Schedule(), 0, 0, {"dis": 0, "gen": 0}, 0.0
-
-    if ckpt is not None:
-        gen.load_state_dict(ckpt["generator"])
-        dis.load_state_dict(ckpt["discriminator"])
-        opt_g.load_state_dict(ckpt["opt_g"])
-        opt_d.load_state_dict(ckpt["opt_d"])
-        fixed_noise = ckpt["fixed_noise"].to(device)
-        schedule = Schedule(**ckpt["schedule"])
-        for k, state in ckpt["trainer_logs"].items():
-            logs[k].load_state_dict(state)
-        steps, elapsed0 = dict(ckpt["steps"]), ckpt["elapsed"]
-        start_pass, start_iter = ckpt["pass"], ckpt["iteration"]
-        if start_iter >= cfg.iters_per_pass:
-            start_pass, start_iter = start_pass + 1, 0
-        set_rng_state(ckpt["rng"])
-        log(f"resuming {ckpt['path']} at pass {start_pass} iteration {start_iter} of {cfg.passes} passes")
-        changed = speed.differences(saved_speed)
-        if changed:
-            log(f"note: resuming with {', '.join(changed)}: the run goes on correctly, but its numbers "
-                "will not be bit-identical to an unbroken run's")
-    metrics = MetricsLog(params_dir / "metrics.jsonl", kept)
-    if start_pass >= cfg.passes:
-        log(f"nothing to do: the run already has {cfg.passes} passes (raise --passes to go on)")
-        return
-
-    evaluator = None
-    if args.eval_every:
-        evaluator = Evaluator(cfg, args.data_dir, data, log)
-
-    def checkpoint(pass_id, iteration):
-        state = {"format": CHECKPOINT_FORMAT, "generator": gen.state_dict(), "discriminator": dis.state_dict(),
-                 "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "rng": rng_state(),
-                 "pass": pass_id, "iteration": iteration, "schedule": dataclasses.asdict(schedule),
-                 "fixed_noise": fixed_noise.cpu(), "config": cfg.to_dict(),
-                 "options": {"seed": seed, "speed": dataclasses.asdict(speed)},
-                 "trainer_logs": {k: v.state_dict() for k, v in logs.items()}, "steps": dict(steps),
-                 "elapsed": elapsed0 + time.time() - t0}
-        path = checkpoint_path(params_dir, pass_id)
-        save_checkpoint(path, state, args.keep)
-        return path
-
-    log(f"training {cfg.data_source} on {device}: {cfg.passes} passes of {cfg.iters_per_pass} iterations, "
-        f"batch {cfg.batch_size}, lr {cfg.lr:g}, seed {seed}")
-    log(f"speed: {speed.describe()}")
-
-    def draw_plots(passes_done):
-        nonlocal plotted
-        plot_losses(metrics.lines, samples_dir / "losses.png")
-        write_progress_gif(samples_dir, passes_done, samples_dir / "progress.gif",
-                           gray=cfg.is_image and cfg.sample_shape[0] == 1)
-        plotted = time.time()
-
-    t0 = plotted = time.time()
-    with StopRequest() as stop, metrics:
-        for pass_id in range(start_pass, cfg.passes):
-            if start_iter == 0:
-                for trainer_log in logs.values():
-                    trainer_log.reset_pass()
-            log.start_pass(pass_id, cfg.iters_per_pass, start_iter)
-            t_pass, first_iter = time.time(), start_iter
-            batches = real_batches(data, cfg.batch_size, seed, pass_id, start_iter)
-            for i in range(start_iter, cfg.iters_per_pass):
-                if stop.signal is not None:
-                    log.end_pass()
-                    path = checkpoint(pass_id, i)  # first: nothing optional may cost it
-                    draw_plots(pass_id)
-                    raise SystemExit(_interrupted(f"{signal.Signals(stop.signal).name}: stopped at pass {pass_id} "
-                                                  f"iteration {i}; checkpoint {path}; continue with --resume"))
-                x = next(batches)
-                z = torch.randn(cfg.batch_size, cfg.noise_dim, device=device)
-                if memory_format is torch.channels_last:
-                    x = x.contiguous(memory_format=memory_format)
-                step = train_one(x, z, schedule)
-                if not step.net:
-                    log.end_pass()
-                    last = list_checkpoints(params_dir)
-                    kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
-                    draw_plots(pass_id)
-                    raise UserError(f"non-finite loss at pass {pass_id} iteration {i} "
-                                    f"(d_loss={step.d_loss:g}, g_loss={step.values[2]:g}); stopping: {kept}")
-                schedule = advance(schedule, step.net)
-                steps[step.net] += 1
-                for batch in step.batches:
-                    summary = logs[step.net].add(*batch)
-                    if summary:
-                        log(summary)
-                if i % LOG_PERIOD == 0:
-                    lines = loss_lines(step)
-                    log(*lines)
-                    m = log_metrics(step, pass_id, i, cfg, schedule, steps, elapsed0 + time.time() - t0)
-                    metrics.add(m)
-                    log.update(1, d_loss=f"{m['d_loss']:.3f}", g_loss=f"{m['g_loss']:.3f}")
-                else:
-                    log.update(1)
-            log.end_pass()
-            start_iter = 0
-
-            # --- end of pass: the checkpoint first, then evaluation, picture, plots
-            seconds = time.time() - t_pass
-            path = checkpoint(pass_id, cfg.iters_per_pass)
-            if evaluator is not None and (pass_id + 1) % args.eval_every == 0:
-                # Own random generator: evaluating must not change the training's random stream.
-                rng = torch.Generator().manual_seed(seed + pass_id)
-                noise = torch.randn(args.samples, cfg.noise_dim, generator=rng).to(device)
-                scores = evaluator.score(generate_samples(gen, noise, cfg.batch_size, rng))
-                log(f"Pass={pass_id} eval: {format_scores(scores)}")
-                m = {"pass": pass_id, "iteration": cfg.iters_per_pass, "step": (pass_id + 1) * cfg.iters_per_pass,
-                     "seconds": round(elapsed0 + time.time() - t0, 3), "eval": scores}
-                metrics.add(m)
-            samples = generate_samples(gen, fixed_noise, cfg.batch_size)
-            picture = samples_dir / f"train_pass{pass_id}.png"
-            stats = ""
-            if not cfg.is_image:
-                mean, std = samples.mean(0).tolist(), samples.std(0).tolist()
-                stats = f"; generated mean [{mean[0]:.4f} {mean[1]:.4f}] std [{std[0]:.4f} {std[1]:.4f}]"
-            save_samples(samples, picture, title=f"{cfg.data_source} pass {pass_id}")
-            # The plots are redrawn after a pass, but not more often than every PLOT_PERIOD seconds
-            # (late in a run they take long enough to slow fast passes down), and at the end.
-            if time.time() - plotted >= PLOT_PERIOD or pass_id + 1 == cfg.passes or stop.signal is not None:
-                draw_plots(pass_id + 1)
-            done = cfg.iters_per_pass - first_iter
-            log(f"Pass={pass_id} done: {done} iterations in {seconds:.1f} s "
-                f"({100 * seconds / max(done, 1):.2f} s per 100), D trained {steps['dis']} / G {steps['gen']} "
-                f"iterations so far{stats}; {picture}, {path}")
-            if stop.signal is not None and pass_id + 1 < cfg.passes:
-                raise SystemExit(_interrupted(f"{signal.Signals(stop.signal).name}: stopped after pass {pass_id}; "
-                                              f"checkpoint {path}; continue with --resume"))
-
-
-def _interrupted(message):
-    write_stderr(message)
-    return 130
-
-
-@torch.no_grad()
-def log_metrics(step, pass_id, i, cfg, schedule, steps, seconds):
-    d_pos, d_neg, g = step.values
-    return {"pass": pass_id, "iteration": i, "step": pass_id * cfg.iters_per_pass + i,
-            "d_pos_loss": d_pos, "d_neg_loss": d_neg, "d_loss": step.d_loss, "g_loss": g,
-            "trained": step.net, "strike": schedule.strike,
-            "d_real": step.real_logits.float().softmax(1)[:, REAL].mean().item(),
-            "d_fake": step.fake_logits.detach().float().softmax(1)[:, REAL].mean().item(),
-            "d_share": steps["dis"] / max(1, steps["dis"] + steps["gen"]),
-            "seconds": round(seconds, 3)}
-
-
-def load_generator(args, device):
-    params_dir = Path(args.out_dir) / f"{args.data_source}_params"
-    ckpt = load_checkpoint(args.params or params_dir, args.data_source)
-    cfg = config_from_checkpoint(ckpt)
-    gen, _ = build_nets(cfg)
-    gen.load_state_dict(ckpt["generator"])
-    return cfg, gen.to(device), ckpt["path"]
-
-
-def output_stem(output, default):
-    """FILE of --output FILE (FILE.npy and FILE.png are written); a folder is refused."""
-    out = Path(output or default)
-    if out.suffix in (".npy", ".png"):
-        out = out.with_suffix("")
-    if out.name in ("", ".", "..") or out.is_dir():
-        raise UserError(f"--output {output} is a folder: give a file name, such as {out / 'generated'} "
-                        "(FILE.npy and FILE.png are written)")
-    return out
-
-
-def generate(args):
-    """The tutorial's last step: noise through the trained G; writes FILE.npy and FILE.png."""
-    device = choose_device(args.use_gpu, args.gpu_id, write_stdout)
-    out = output_stem(args.output, Path(args.out_dir) / f"{args.data_source}_samples" / "generated")
-    cfg, gen, path = load_generator(args, device)
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    samples = generate_samples(gen, torch.randn(args.generate, cfg.noise_dim, device=device), cfg.batch_size)
-    samples = samples.clamp(-1, 1) if cfg.is_image else samples
-    npy, png = out.with_name(out.name + ".npy"), out.with_name(out.name + ".png")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot make the folder {out.parent}: {e.strerror or e}")
-    with atomic_path(npy) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, samples.cpu().numpy().astype(np.float32))
-    save_samples(samples, png, title=f"{args.generate} samples from {path.name}")
-    write_stdout(f"wrote {args.generate} samples of shape {tuple(samples.shape[1:])} from {path} to {npy} and {png}")
-
-
-def evaluate(args):
-    """Score a trained generator offline (see the README for what each figure means)."""
-    check_evaluable(args.data_source, args.data_dir)
-    device = choose_device(args.use_gpu, args.gpu_id, write_stdout)
-    cfg, gen, path = load_generator(args, device)
-    torch.manual_seed(args.seed if args.seed is not None else 0)
-    data = load_data(cfg, args.data_dir, torch.device("cpu")) if cfg.data_source != "uniform" else None
-    evaluator = Evaluator(cfg, args.data_dir, data, write_stdout)
-    samples = generate_samples(gen, torch.randn(args.samples, cfg.noise_dim, device=device), cfg.batch_size)
-    write_stdout(f"{path}: {args.samples} samples: {format_scores(evaluator.score(samples))}")
-    write_stdout(f"real data (floor): {format_scores(evaluator.floor(args.samples))}")
-
-
-# ====================================================================== command line
+# ###################################################################### the command line
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except the absent ones (None / False), whose help says what happens."""
@@ -1844,9 +2047,10 @@ def build_parser():
     return p
 
 
-# Which flags each action reads; giving one to an action that does not read it is an error.
 TRAINING_ONLY = ("passes", "iters", "batch_size", "lr", "resume", "keep", "quiet", "eval_every", "d_batch_norm",
                  "hidden_dim", "g_sigmoid", "bf16", "threads", "channels_last", "cuda_graphs", "compile")
+
+
 APPLYING_ONLY = ("params",)
 
 

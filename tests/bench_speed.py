@@ -36,7 +36,6 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 import gan_trainer as T  # noqa: E402
 from gan_conf import CONFIGS, build_nets  # noqa: E402
-from reference_step import make_optimizers, reference_batch, reference_step  # noqa: E402
 
 
 # ---------------------------------------------------------------- analytic work
@@ -129,8 +128,19 @@ GPU_VARIANTS = {
 }
 
 
+def reference_batch(data, batch_size):
+    """A batch drawn in the iteration, as a plain port draws it: batch_size distinct rows
+    (by rejection; the original's numpy.random.choice permuted all n rows), scaled to [-1, 1]."""
+    n = len(data)
+    while True:
+        idx = torch.randint(n, (batch_size,), device=data.device)
+        if torch.unique(idx).numel() == batch_size:
+            return T.to_unit_range(data[idx])
+
+
 class Runner:
-    """One variant: its own nets (same seed), optimizers and schedule, run like the trainer's loop."""
+    """One variant: its own nets (same seed), optimizers and schedule, run like the trainer's loop.
+    "ref" is the plain port: T.tutorial_step with torch's own Adam and a batch drawn per iteration."""
 
     def __init__(self, name, cfg, data, device, seed=0):
         self.name = name
@@ -138,44 +148,43 @@ class Runner:
         self.cfg, self.data, self.device = cfg, data, device
         torch.manual_seed(seed)
         if self.impl != "ref":
-            self.gen, self.dis, self.opt_g, self.opt_d, self.autocast = T.make_training(cfg, options, device)
+            speed = T.Speed(device=str(device), threads=torch.get_num_threads(),
+                            channels_last=options.get("channels_last", False) and cfg.is_image,
+                            bf16=options.get("bf16", False), cuda_graphs=options.get("cuda_graphs", False),
+                            compile=options.get("compiled", False))
+            run = T.Run(cfg, seed, speed, device)
+            self.step = T.make_step(run, log=lambda *lines: None)
+            self.fmt = torch.channels_last if speed.channels_last else torch.contiguous_format
         else:
             self.gen, self.dis = (net.to(device) for net in build_nets(cfg))
-            self.opt_g, self.opt_d = make_optimizers(cfg, self.gen, self.dis)
-        self.fmt = torch.channels_last if options.get("channels_last") and cfg.is_image else torch.contiguous_format
-        if self.impl != "ref":
-            self.step = T.make_step(self.gen, self.dis, self.opt_g, self.opt_d, self.autocast,
-                                    options.get("cuda_graphs", False), compiled=options.get("compiled", False),
-                                    log=lambda *lines: None)
+            self.opt_g, self.opt_d = (torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
+                                      for net in (self.gen, self.dis))
+            self.fmt = torch.contiguous_format
         self.schedule, self.i = T.Schedule(), 0
         self.steps = {"dis": 0, "gen": 0}
         self.logs = {"dis": T.TrainerLog("discriminator", cfg.batch_size),
                      "gen": T.TrainerLog("generator", cfg.batch_size)}
         self.times, self.compile_s = [], 0.0
-        self.batches = T.real_batches(data, cfg.batch_size, seed, pass_id=0)  # as the trainer draws them
+        self.batches = T.real_batches(data, cfg.batch_size, seed, 0, 0, self.fmt)  # as the trainer draws them
 
     def iteration(self):
         cfg, i = self.cfg, self.i
-        x = next(self.batches) if self.impl != "ref" else reference_batch(self.data, cfg.batch_size)
         z = torch.randn(cfg.batch_size, cfg.noise_dim, device=self.device)
-        if self.fmt is torch.channels_last:
-            x = x.contiguous(memory_format=self.fmt)
         if self.impl != "ref":
-            step = self.step(x, z, self.schedule)
-            net, batches = step.net, step.batches
-            if i % T.LOG_PERIOD == 0:
-                T.loss_lines(step)
+            step = self.step(next(self.batches), z, self.schedule)
+            batches = step.batches
         else:
-            *losses, net = reference_step(self.gen, self.dis, self.opt_g, self.opt_d, x, z, self.schedule)
+            x = reference_batch(self.data, cfg.batch_size)
+            step = T.tutorial_step(self.gen, self.dis, self.opt_g, self.opt_d, x, z, self.schedule)
             batches = []  # the plain port logs no trainer summaries: it is the yardstick of the step alone
-            if i % T.LOG_PERIOD == 0:
-                "%g %g %g" % tuple(float(v) for v in losses)
-        if not net:
+        if i % T.LOG_PERIOD == 0:
+            T.loss_lines(step)
+        if not step.finite:
             raise SystemExit(f"{self.name}: non-finite loss at iteration {i}")
-        self.schedule = T.advance(self.schedule, net)
-        self.steps[net] += 1
+        self.schedule = T.advance(self.schedule, step.trained)
+        self.steps[step.trained] += 1
         for b in batches:
-            self.logs[net].add(*b)
+            self.logs[step.trained].add(*b)
         self.i += 1
 
     def run(self, iters):
@@ -254,8 +263,8 @@ def main(argv=None):
         a = copy.copy(args)
         a.iters = args.iters or (1000 if source == "uniform" else 20)
         a.warmup = args.warmup if args.warmup is not None else (20 if source == "uniform" else 3)
-        if device.type == "cpu":
-            T.set_threads(args.threads, CONFIGS[source], device)
+        if device.type == "cpu":  # the trainer's choice: 1 thread for the tiny uniform nets
+            torch.set_num_threads(args.threads or (1 if source == "uniform" else default_threads))
         if not args.no_peak:
             where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
             print(f"matmul peak (torch.mm, {where}): fp32 {matmul_peak(torch.float32, device):.0f} GFLOP/s, "

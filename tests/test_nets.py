@@ -5,6 +5,7 @@ from torch import nn
 
 import gan_conf
 from gan_conf import CONFIGS, build_nets, conv_kernel_padding
+from gan_trainer import FastConvTranspose2d, use_fast_deconvolutions
 
 
 def nets(source, seed=0):
@@ -224,6 +225,8 @@ def bf16_against_nn(layer, x):
                                layer.padding, layer.output_padding, layer.groups, layer.bias is not None,
                                layer.dilation)
     plain.load_state_dict(layer.state_dict())
+    plain.to(memory_format=torch.channels_last if layer.weight.is_contiguous(memory_format=torch.channels_last)
+             and not layer.weight.is_contiguous() else torch.contiguous_format)
     x = x.requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, expected = layer(x), plain(x)
@@ -248,6 +251,7 @@ def test_first_mnist_deconv_under_cpu_bf16_is_the_adjoint_path_with_nns_numbers(
     the very same gradients, the same layout."""
     torch.manual_seed(0)
     gen, _ = nets("mnist")
+    use_fast_deconvolutions(gen)  # as the trainer does under --bf16 1 on the CPU
     layer = gen.convs[0].to(memory_format=layout)
     y, expected, got, want = bf16_against_nn(layer, torch.randn(8, 256, 3, 3).contiguous(memory_format=layout))
     assert type(y.grad_fn).__name__ == "AdjointConvTransposeBackward"
@@ -266,7 +270,7 @@ def test_first_mnist_deconv_under_cpu_bf16_is_the_adjoint_path_with_nns_numbers(
 ])
 def test_adjoint_path_matches_nn_for_other_geometries(kwargs, size):
     torch.manual_seed(0)
-    layer = gan_conf.ConvTranspose2d(8, 6, **kwargs)
+    layer = FastConvTranspose2d(8, 6, **kwargs)
     y, expected, got, want = bf16_against_nn(layer, torch.randn(4, 8, *size))
     assert type(y.grad_fn).__name__ == "AdjointConvTransposeBackward"
     assert_bf16_roundings_apart(y, expected, layer.bias)
@@ -276,10 +280,23 @@ def test_adjoint_path_matches_nn_for_other_geometries(kwargs, size):
 
 def test_deconvs_take_nns_path_in_fp32_and_when_the_kernel_is_smaller_than_the_map():
     gen, _ = nets("mnist")
+    use_fast_deconvolutions(gen)
     h = torch.randn(8, 256, 3, 3)
     assert gen.convs[0](h).grad_fn.name() == "ConvolutionBackward0"  # fp32: nn's own
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert gen.convs[3](torch.randn(8, 128, 7, 7)).grad_fn.name() == "ConvolutionBackward0"  # kernel 4 < 7
-        wide = gan_conf.ConvTranspose2d(8, 4, 3)  # covers the height of a 3 x 8 map, not its width
+        wide = FastConvTranspose2d(8, 4, 3)  # covers the height of a 3 x 8 map, not its width
         assert wide(torch.randn(2, 8, 3, 8)).grad_fn.name() == "ConvolutionBackward0"
         assert gen.convs[0](h, output_size=(7, 7)).grad_fn.name() == "ConvolutionBackward0"
+
+
+def test_bf16_on_the_cpu_swaps_in_the_fast_deconvolution_with_the_same_state_dict():
+    from gan_trainer import Speed, prepare_nets
+    gen, dis = nets("mnist")
+    state = {k: v.clone() for k, v in gen.state_dict().items()}
+    gen, _ = prepare_nets((gen, dis), Speed(bf16=True), "cpu")
+    deconvs = [m for m in gen.modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert len(deconvs) == 3 and all(type(m) is FastConvTranspose2d for m in deconvs)
+    assert gen.state_dict().keys() == state.keys() and all(torch.equal(gen.state_dict()[k], v) for k, v in state.items())
+    plain, _ = prepare_nets(nets("mnist"), Speed(), "cpu")  # fp32: nn's own class
+    assert all(type(m) is nn.ConvTranspose2d for m in plain.modules() if isinstance(m, nn.ConvTranspose2d))
