@@ -286,3 +286,17 @@ def test_freed_tensor_memory_is_kept_for_reuse():
         pytest.skip("not glibc")
     assert int(churning) > 10_000  # the control: 8 x 1024 pages per round, 10 rounds
     assert int(kept) < 500
+
+
+@pytest.mark.parametrize("native, bf16, hinted", [(True, 0, True), (True, 1, False), (False, 0, False)])
+def test_a_cpu_with_bf16_arithmetic_hears_of_bf16_once(tmp_path, capsys, monkeypatch, native, bf16, hinted):
+    """Image nets in fp32 on a CPU with AVX512-BF16 or AMX: one line says --bf16 1 is faster with
+    the same measured quality; the default stays fp32."""
+    monkeypatch.setattr(gan_trainer, "cpu_computes_bf16", lambda: native)
+    data = make_mnist_dir(tmp_path / "data", n=40)
+    code, out, err = run_main(["-d", "mnist", "--use_gpu", 0, "--passes", 1, "--iters", 1, "--batch_size", 8,
+                               "--data_dir", data, "--out_dir", tmp_path / "out", "--quiet", "--bf16", bf16], capsys)
+    assert code == 0, err
+    hints = [line for line in out.splitlines() if "--bf16 1 trains" in line]
+    assert len(hints) == int(hinted)
+    assert load_ckpt(tmp_path / "out" / "mnist_params" / "pass_0.pt")["options"]["speed"]["bf16"] == bool(bf16)
