@@ -348,7 +348,7 @@ def train_step(gen, dis, opt_g, opt_d, x, z, schedule, autocast=contextlib.nullc
     follows; D(x) is evaluated without a graph, since D's update on x comes after its update on
     G(z) and must be recomputed anyway; gradients are taken for the trained net only.
     """
-    losses = evaluate_losses(gen, dis, x, z, autocast)
+    losses = compute_losses(gen, dis, x, z, autocast)
     step = choose(losses, schedule)
     if step.trained == "dis":
         step.batches = update_dis(losses, dis, opt_d, x, autocast)
@@ -357,7 +357,7 @@ def train_step(gen, dis, opt_g, opt_d, x, z, schedule, autocast=contextlib.nullc
     return step
 
 
-def evaluate_losses(gen, dis, x, z, autocast, real=True):
+def compute_losses(gen, dis, x, z, autocast, real=True):
     """The losses at the current parameters; the graph of D(G(z)) is kept for the update.
     real=False leaves out D(x) and d_pos_loss, which no update uses (the graphed updates)."""
     with autocast():
@@ -1226,7 +1226,7 @@ def write_progress_gif(samples_dir, passes, path, gray=False, most=GIF_FRAMES):
     from PIL import Image
     shown = range(passes) if passes <= most else sorted({round(i * (passes - 1) / (most - 1)) for i in range(most)})
     pictures = [samples_dir / f"train_pass{p}.png" for p in shown]
-    # GIF frames have 256 colours; the fast octree palette is 3x quicker than Pillow's default
+    # GIF frames have 256 colours; the fast octree palette is quicker than Pillow's default
     frames = [Image.open(p).convert("L") if gray else
               Image.open(p).convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE)
               for p in pictures if p.exists()]
@@ -1534,15 +1534,15 @@ class GraphedStep:
         opt_g, opt_d = self.opts
         self.x, self.z = x.clone(), z.clone()  # clone keeps x's memory format
 
-        def evaluate():
-            return evaluate_losses(gen, dis, self.x, self.z, self.autocast)
+        def losses():
+            return compute_losses(gen, dis, self.x, self.z, self.autocast)
 
         def train_dis():
-            return update_dis(evaluate_losses(gen, dis, self.x, self.z, self.autocast, real=False),
+            return update_dis(compute_losses(gen, dis, self.x, self.z, self.autocast, real=False),
                               dis, opt_d, self.x, self.autocast)
 
         def train_gen():
-            return update_gen(evaluate_losses(gen, dis, self.x, self.z, self.autocast, real=False), opt_g)
+            return update_gen(compute_losses(gen, dis, self.x, self.z, self.autocast, real=False), opt_g)
 
         # the graphs read the cached label batches (LABELS is never emptied; held here all the same)
         self.labels = [labels(len(x), label, x.device) for label in (REAL, FAKE)]
@@ -1550,7 +1550,7 @@ class GraphedStep:
         fresh = {id(p) for opt in self.opts for p in opt.param_groups[0]["params"] if not opt.state.get(p)}
         self.graphs, self.outputs = {}, {}
         try:
-            for name, fn in (("eval", evaluate), ("dis", train_dis), ("gen", train_gen)):
+            for name, fn in (("losses", losses), ("dis", train_dis), ("gen", train_gen)):
                 self.graphs[name], self.outputs[name] = capture_graph(fn, self.capture)
         except Exception as e:
             raise UserError(f"capturing CUDA graphs failed ({in_one_line(e)}); run with --cuda_graphs 0")
@@ -1583,7 +1583,7 @@ class GraphedStep:
             self._build(x, z)
         self.x.copy_(x)
         self.z.copy_(z)
-        step = choose(self._run("eval"), schedule)
+        step = choose(self._run("losses"), schedule)
         if step.trained:
             # the graphs' outputs are overwritten by the next replay: the log keeps copies
             step.batches = [(c.clone(), logits.clone(), label) for c, logits, label in self._run(step.trained)]
@@ -1638,11 +1638,11 @@ class CompiledStep:
     def __init__(self, gen, dis, opt_g, opt_d, autocast, log=print):
         self.opts, self.log = {"gen": opt_g, "dis": opt_d}, log
         self.eager = functools.partial(train_step, gen, dis, opt_g, opt_d, autocast=autocast)
-        self.ready, self.evaluate, self.dis_on_real = False, None, None  # compiled by the first call
+        self.ready, self.losses_and_grads, self.dis_on_real = False, None, None  # compiled by the first call
         params = {net: opt.param_groups[0]["params"] for net, opt in self.opts.items()}
 
-        def evaluate(x, z):
-            losses = evaluate_losses(gen, dis, x, z, autocast)
+        def losses_and_grads(x, z):
+            losses = compute_losses(gen, dis, x, z, autocast)
             grads = {"gen": torch.autograd.grad(losses.g_loss, params["gen"], retain_graph=True),
                      "dis": torch.autograd.grad(losses.d_neg_loss, params["dis"])}
             values = torch.stack([losses.d_pos_loss, losses.d_neg_loss, losses.g_loss]).detach()
@@ -1652,7 +1652,7 @@ class CompiledStep:
             real_cost, logits = cost_on_real(dis, x, autocast)
             return real_cost.detach(), logits.detach(), torch.autograd.grad(real_cost, params["dis"])
 
-        self.functions = evaluate, dis_on_real
+        self.functions = losses_and_grads, dis_on_real
 
     def _compile(self, x, z):
         """Compile both functions on the first batch (their calls change nothing), or fall back."""
@@ -1663,23 +1663,23 @@ class CompiledStep:
         try:
             import torch._dynamo
             torch._dynamo.config.trace_autograd_ops = True  # torch.autograd.grad inside the graph (torch 2.14)
-            self.evaluate, self.dis_on_real = (torch.compile(f, fullgraph=True, dynamic=False)
-                                               for f in self.functions)
-            self.evaluate(x, z)
+            self.losses_and_grads, self.dis_on_real = (torch.compile(f, fullgraph=True, dynamic=False)
+                                                       for f in self.functions)
+            self.losses_and_grads(x, z)
             self.dis_on_real(x)
             self.log(f"compiled the training step in {time.time() - started:.1f} s "
                      "(torch.compile; --compile 0 runs it eagerly)")
         except Exception as e:
             self.log(f"torch.compile failed ({in_one_line(e)}); running eagerly, as --compile 0 does")
-            self.evaluate = None
+            self.losses_and_grads = None
         self.ready = True
 
     def __call__(self, x, z, schedule):
         if not self.ready:
             self._compile(x, z)
-        if self.evaluate is None:
+        if self.losses_and_grads is None:
             return self.eager(x, z, schedule)
-        values, real_logits, fake_logits, grads = self.evaluate(x, z)
+        values, real_logits, fake_logits, grads = self.losses_and_grads(x, z)
         step = choose(Losses(values[0], values[1], values[2], real_logits, fake_logits), schedule)
         if step.trained:
             self.descend(grads[step.trained], step.trained)
