@@ -5,7 +5,12 @@ Two model families, as in the original `gan_conf.py` and `gan_conf_image.py`:
 * uniform: a fully-connected generator and discriminator with one batch norm
   each, learning the 2-D uniform distribution on [0, 1)^2;
 * mnist / cifar: the DCGAN variant, transposed convolutions in G and
-  convolutions in D.
+  convolutions in D; the same nets learn a folder of your own images
+  (-d folder), at any size the tutorial's kernel rule admits.
+
+With classes (--conditional 1), both nets also see the label (a conditional GAN,
+Mirza & Osindero 2014): G gets the one-hot label beside z, D gets it as constant
+one-hot maps beside the image's channels. Everything else stays the tutorial's.
 
 Both discriminators end in a 2-way classifier (label 1 = real, 0 = fake).  The
 softmax is folded into the cross-entropy cost (`F.cross_entropy` on logits),
@@ -17,6 +22,8 @@ averages exist anywhere, so `model.eval()` changes nothing.
 """
 from dataclasses import asdict, dataclass
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -34,12 +41,20 @@ class GANConfig:
     gf_dim: int = 64      # image nets: G's base width
     df_dim: int = 64      # image nets: D's base width
     # Opt-in departures from the tutorial (the defaults are the original's):
-    d_batch_norm: bool = True  # False: D without batch norm (see README, "Measured quality")
+    d_batch_norm: bool = True  # False: D without batch norm (tests/BENCHMARKS.md: it does not help)
     g_sigmoid: bool = False    # uniform: G ends in a sigmoid, so its points lie in (0, 1)^2
+    # What the run was trained on:
+    folder: str = ""           # -d folder: the image folder
+    images: int = 0            # how many training images (0: not recorded)
+    classes: tuple = ()        # class names, for a conditional G and D (empty: unconditional)
 
     @property
     def is_image(self):
         return len(self.sample_shape) == 3
+
+    @property
+    def conditional(self):
+        return bool(self.classes)
 
     def to_dict(self):
         return asdict(self)
@@ -49,6 +64,7 @@ CONFIGS = {
     "uniform": GANConfig("uniform", (2,), noise_dim=10, lr=1e-4, iters_per_pass=10000),
     "mnist": GANConfig("mnist", (1, 28, 28), noise_dim=100, lr=2e-4),
     "cifar": GANConfig("cifar", (3, 32, 32), noise_dim=100, lr=2e-4),
+    "folder": GANConfig("folder", (3, 64, 64), noise_dim=100, lr=2e-4),  # size and channels: flags
 }
 
 
@@ -62,7 +78,14 @@ def batch_norm_2d(n):
     return nn.BatchNorm2d(n, track_running_stats=False)
 
 
-class UniformGenerator(nn.Sequential):
+class UniformNet(nn.Sequential):
+    """A fully-connected net whose forward takes (and ignores) a label, as the image nets do."""
+
+    def forward(self, x, y=None):
+        return super().forward(x)
+
+
+class UniformGenerator(UniformNet):
     """noise(10) -> fc 10 + ReLU -> fc 10 -> batch norm + ReLU -> fc 2."""
 
     def __init__(self, cfg):
@@ -77,7 +100,7 @@ class UniformGenerator(nn.Sequential):
         init_uniform_net(self)
 
 
-class UniformDiscriminator(nn.Sequential):
+class UniformDiscriminator(UniformNet):
     """sample(2) -> fc 10 + ReLU -> fc 10 -> batch norm + ReLU -> fc 2 (logits)."""
 
     def __init__(self, cfg):
@@ -127,6 +150,15 @@ def image_sizes(cfg):
     return s, s // 2, s // 4, s // 8
 
 
+def image_size_ok(s):
+    """Whether the tutorial's nets can be built for s x s images: s, s/2, s/4, s/8 (integer
+    division) all at least 1, each step met by conv_kernel_padding."""
+    try:
+        return s // 8 >= 1 and all(conv_kernel_padding(b, b // 2) for b in (s, s // 2, s // 4))
+    except ValueError:
+        return False
+
+
 def conv(c_in, c_out, big, small):
     k, p = conv_kernel_padding(big, small)
     return nn.Conv2d(c_in, c_out, k, stride=2, padding=p)
@@ -142,14 +174,14 @@ class ImageGenerator(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        c = cfg.sample_shape[0]
+        c, k = cfg.sample_shape[0], len(cfg.classes)
         s, s2, s4, s8 = image_sizes(cfg)
         g = cfg.gf_dim
-        self.start = (g * 4, s8, s8)
+        self.start, self.classes = (g * 4, s8, s8), k
         # Paddle's batch_norm_layer on an fc layer takes its size from the fc's output: it
         # normalises each of the s8*s8*256 units over the batch (one scale and shift per unit),
         # before the reshape. The batch norms after the transposed convs are per channel.
-        self.fc = nn.Sequential(nn.Linear(cfg.noise_dim, g * 4 * s8 * s8), batch_norm_1d(g * 4 * s8 * s8), nn.ReLU())
+        self.fc = nn.Sequential(nn.Linear(cfg.noise_dim + k, g * 4 * s8 * s8), batch_norm_1d(g * 4 * s8 * s8), nn.ReLU())
         self.convs = nn.Sequential(
             deconv(g * 4, g * 2, s8, s4), batch_norm_2d(g * 2), nn.ReLU(),
             deconv(g * 2, g, s4, s2), batch_norm_2d(g), nn.ReLU(),
@@ -157,7 +189,9 @@ class ImageGenerator(nn.Module):
         )
         init_image_net(self)
 
-    def forward(self, z):
+    def forward(self, z, y=None):
+        if self.classes:  # the label, one-hot, beside the noise
+            z = torch.cat([z, F.one_hot(y, self.classes).to(z.dtype)], 1)
         return self.convs(self.fc(z).view(-1, *self.start))
 
 
@@ -166,18 +200,22 @@ class ImageDiscriminator(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        c = cfg.sample_shape[0]
+        c, k = cfg.sample_shape[0], len(cfg.classes)
         s, s2, s4, s8 = image_sizes(cfg)
         d = cfg.df_dim
+        self.classes = k
         self.convs = nn.Sequential(
-            conv(c, d, s, s2), nn.ReLU(),
+            conv(c + k, d, s, s2), nn.ReLU(),
             conv(d, d * 2, s2, s4), *d_batch_norm(cfg, d * 2, batch_norm_2d), nn.ReLU(),
             conv(d * 2, d * 4, s4, s8), *d_batch_norm(cfg, d * 4, batch_norm_2d), nn.ReLU(),
         )
         self.fc = nn.Linear(d * 4 * s8 * s8, 2)
         init_image_net(self)
 
-    def forward(self, x):
+    def forward(self, x, y=None):
+        if self.classes:  # the label as constant one-hot maps beside the image's channels
+            maps = F.one_hot(y, self.classes).to(x.dtype)[:, :, None, None].expand(-1, -1, *x.shape[2:])
+            x = torch.cat([x, maps], 1)
         return self.fc(self.convs(x).flatten(1))
 
 

@@ -8,7 +8,8 @@
 The file reads in four parts, each opened by a banner that says what it promises:
   1. the algorithm: data and batch draws, the choice rule, one iteration (as the tutorial
      writes it, and the same numbers with shared work), the run's state, the loop;
-  2. the run's files: checkpoints, metrics.jsonl, pictures and plots, all written atomically;
+  2. the run's files (checkpoints, metrics.jsonl, pictures and plots), its configuration, the
+     console and stop signals;
   3. speed: options decided once, and faster ways to compute the same iteration;
   4. applying G: generate and evaluate; then the command line.
 The networks and the tutorial's hyper-parameters are in gan_conf.py.
@@ -19,6 +20,7 @@ import ctypes
 import dataclasses
 import functools
 import gzip
+import hashlib
 import io
 import itertools
 import json
@@ -50,7 +52,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from gan_conf import CONFIGS, DigitClassifier, GANConfig, build_nets  # noqa: E402
+from gan_conf import CONFIGS, DigitClassifier, GANConfig, build_nets, image_size_ok  # noqa: E402
 
 MAX_STRIKE = 5       # a net trains at most this many iterations in a row
 LOG_PERIOD = 100     # iterations between loss lines; batches between trainer summaries
@@ -61,6 +63,10 @@ CIFAR_SCRIPT = "data/download_cifar.sh"
 
 class UserError(Exception):
     """Bad input or a failed write: reported as one line on stderr, exit status 1, no traceback."""
+
+
+def plural(n, word):
+    return f"{n} {word}{'es' if word.endswith('s') else 's'}" if n != 1 else f"{n} {word}"
 
 
 def in_one_line(e, most=200):
@@ -140,10 +146,13 @@ class CifarUnpickler(pickle.Unpickler):
         return {"_reconstruct": multiarray._reconstruct, "ndarray": np.ndarray, "dtype": np.dtype}[name]
 
 
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
 def load_cifar(data_dir):
-    """The five CIFAR-10 training batches as uint8 (n, 3, 32, 32)."""
+    """The five CIFAR-10 training batches: images as uint8 (n, 3, 32, 32), and their labels."""
     folder = Path(data_dir) / "cifar-10-batches-py"
-    batches = []
+    images, labels = [], []
     for k in range(1, 6):
         path = folder / f"data_batch_{k}"
         if not path.exists():
@@ -152,28 +161,171 @@ def load_cifar(data_dir):
             with open(path, "rb") as f:
                 batch = CifarUnpickler(f, encoding="bytes").load()
             rows = batch[b"data"] if b"data" in batch else batch["data"]
+            labels.append(batch.get(b"labels", batch.get("labels")))
         except Exception as e:  # any unpickling failure means a damaged or foreign file
             raise UserError(f"{path}: not a CIFAR-10 python batch ({in_one_line(e)})")
         if not isinstance(rows, np.ndarray) or rows.dtype != np.uint8 or rows.ndim != 2 or rows.shape[1] != 3072:
             raise UserError(f"{path}: 'data' is {getattr(rows, 'dtype', type(rows).__name__)} of shape "
                             f"{getattr(rows, 'shape', '()')}, expected uint8 rows of 3072 bytes "
                             "(32x32 pixels, R then G then B)")
-        batches.append(rows.reshape(-1, 3, 32, 32))
-    return np.concatenate(batches)
+        labels[-1] = class_indices(labels[-1], len(rows), len(CIFAR_CLASSES))  # None: checked where used
+        images.append(rows.reshape(-1, 3, 32, 32))
+    return np.concatenate(images), labels
 
 
-def load_data(cfg, data_dir, device, seed=0):
-    """The whole training set as one tensor on the training device.
+def class_indices(values, n, classes):
+    """values as n class indices in [0, classes), or None if they are not that."""
+    try:
+        indices = np.asarray(values, dtype=np.int64)
+    except (ValueError, TypeError, OverflowError):
+        return None
+    return indices if indices.shape == (n,) and ((indices >= 0) & (indices < classes)).all() else None
 
-    Images stay uint8 (a quarter of the memory) and become [-1, 1] floats per batch.
-    The uniform points come from their own generator, so a resumed run sees the same ones.
-    """
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
+
+
+def read_image_folder(folder, size, channels, log=print, quiet=True):
+    """Every image under `folder` (recursively; other files are ignored) as uint8
+    (n, channels, size, size), each resized on its shorter side and centre-cropped, and the
+    path of each (relative to the folder). An image that cannot be decoded is skipped, and
+    named in one line. Decoded once: the result is cached outside the folder and reused while
+    the folder's image files are the same ones (path, size, modification time)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--data_dir {folder}: not a folder (-d folder reads the images in and below it)")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(f"{folder}: no image in it or below it (PNG, JPEG, BMP, WebP or GIF)")
+    listing = [[str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    cache = FolderCache(folder, size, channels)
+    found = cache.load(listing)
+    if found is not None:
+        images, names, skipped = found
+        log(f"read {len(names)} images of {folder} from the cache {cache.npy}")
+    else:
+        images, names, skipped = decode_images(folder, files, size, channels, quiet)
+        cache.save(listing, images, names, skipped, log)
+    if skipped:
+        named = ", ".join(f"{name} ({why})" for name, why in skipped[:3])
+        log(f"{folder}: {len(skipped)} image file{'s' * (len(skipped) > 1)} could not be read and "
+            f"{'were' if len(skipped) > 1 else 'was'} skipped: {named}{', ...' if len(skipped) > 3 else ''}")
+    if not names:
+        raise UserError(f"{folder}: none of its {len(files)} image files could be read")
+    return images, names
+
+
+def decode_images(folder, files, size, channels, quiet=True):
+    """The images of `files`, decoded, as uint8 (n, channels, size, size), the relative paths of
+    those decoded, and (path, why) of those that could not be."""
+    from PIL import Image, ImageOps
+    from torchvision.transforms import functional as TF
+    from tqdm import tqdm
+    images = np.empty((len(files), channels, size, size), np.uint8)
+    names, skipped = [], []
+    for path in tqdm(files, desc=f"reading {folder}", unit="image", disable=quiet or len(files) < 500):
+        try:
+            with Image.open(path) as im:  # a GIF opens on its first frame
+                im = ImageOps.exif_transpose(im).convert("L" if channels == 1 else "RGB")
+                im = TF.center_crop(TF.resize(im, size), size)  # the shorter side to size, antialiased
+                pixels = np.asarray(im)
+        except Exception as e:  # anything an image file can be: truncated, not an image, too large
+            skipped.append((str(path.relative_to(folder)), in_one_line(e, most=60)))
+            continue
+        images[len(names)] = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+        names.append(str(path.relative_to(folder)))
+    return images[:len(names)], names, skipped
+
+
+class FolderCache:
+    """A folder's decoded images, kept in the user's cache folder ($XDG_CACHE_HOME/gan_trainer,
+    else ~/.cache/gan_trainer), never in the image folder: a .npy of the uint8 images and a
+    .json of what they were made from, one pair per folder, size and channels. It is used while
+    the folder's listing is the same, and rebuilt when a file is added, removed or changed."""
+
+    def __init__(self, folder, size, channels):
+        key = f"{Path(folder).resolve()}|{size}|{channels}"
+        stem = "folder-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gan_trainer"
+        self.npy, self.json, self.shape = root / f"{stem}.npy", root / f"{stem}.json", (channels, size, size)
+
+    def load(self, listing):
+        """(images, names, skipped) if the cache holds this listing's images, else None."""
+        try:
+            meta = json.loads(self.json.read_text())
+            if meta["listing"] != listing:
+                return None
+            images = np.load(self.npy, allow_pickle=False)
+            if images.dtype != np.uint8 or images.shape != (len(meta["names"]), *self.shape):
+                return None
+            return images, meta["names"], [tuple(s) for s in meta["skipped"]]
+        except (OSError, ValueError, KeyError, TypeError):  # none yet, or not one this trainer wrote
+            return None
+
+    def save(self, listing, images, names, skipped, log=print):
+        """Write the cache (the images first, the .json that vouches for them last); a cache that
+        cannot be written costs the next run a decoding, nothing else."""
+        try:
+            self.npy.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.npy) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, images)
+            with atomic_path(self.json) as tmp:
+                tmp.write_text(json.dumps({"listing": listing, "names": names, "skipped": skipped}))
+        except (OSError, UserError) as e:
+            log(f"note: the decoded images could not be cached ({e}); the next run decodes them again")
+
+
+def class_labels(names, what):
+    """The class of each image from the first-level subfolder it sits in (torchvision's
+    ImageFolder convention), and the class names, sorted."""
+    tops = [Path(name).parts[0] if len(Path(name).parts) > 1 else None for name in names]
+    loose = tops.count(None)
+    if loose:
+        raise UserError(f"{what}: --conditional 1 needs the images in one subfolder per class; "
+                        f"{loose} sit at the top level")
+    classes = tuple(sorted(set(tops)))
+    if len(classes) < 2:
+        raise UserError(f"{what}: --conditional 1 needs at least two classes (subfolders with images), found {len(classes)}")
+    index = {c: k for k, c in enumerate(classes)}
+    return np.array([index[t] for t in tops], dtype=np.int64), classes
+
+
+@dataclasses.dataclass
+class TrainingSet:
+    """The whole training set on the training device: images as uint8 (a quarter of the memory;
+    scaled to [-1, 1] per batch) or points; for a conditional run, each one's class."""
+    x: torch.Tensor
+    y: torch.Tensor | None = None
+    classes: tuple = ()
+
+
+def load_data(cfg, data_dir, device, seed=0, conditional=False, log=print, quiet=True):
+    """The training set of a configuration. The uniform points come from a generator of their
+    own, so a resumed run sees the same ones."""
     if cfg.data_source == "uniform":
-        return torch.rand(1_000_000, 2, generator=torch.Generator().manual_seed(seed)).to(device)
-    images = load_mnist(data_dir) if cfg.data_source == "mnist" else load_cifar(data_dir)
+        return TrainingSet(torch.rand(1_000_000, 2, generator=torch.Generator().manual_seed(seed)).to(device))
+    labels, classes = None, ()
+    if cfg.data_source == "mnist":
+        images = load_mnist(data_dir)
+        if conditional:
+            labels, classes = class_indices(load_mnist_labels(data_dir), len(images), 10), tuple("0123456789")
+            if labels is None:
+                raise UserError(f"{data_dir}: the MNIST labels are not one digit for each training image")
+    elif cfg.data_source == "cifar":
+        images, batch_labels = load_cifar(data_dir)
+        if conditional:
+            if any(b is None for b in batch_labels):
+                raise UserError(f"{data_dir}: a CIFAR-10 batch has no labels in 0-9 for each image")
+            labels, classes = np.concatenate(batch_labels), CIFAR_CLASSES
+    else:
+        images, names = read_image_folder(data_dir, cfg.sample_shape[1], cfg.sample_shape[0], log, quiet)
+        if conditional:
+            labels, classes = class_labels(names, data_dir)
     if len(images) < cfg.batch_size:
         raise UserError(f"{cfg.data_source}: only {len(images)} images, fewer than a batch of {cfg.batch_size}")
-    return torch.from_numpy(images.copy()).to(device)
+    y = torch.from_numpy(labels).to(device) if labels is not None else None
+    return TrainingSet(torch.from_numpy(images if images.flags.writeable else images.copy()).to(device), y, classes)
 
 
 def to_unit_range(data):
@@ -211,18 +363,20 @@ def block_indices(n, batch_size, generator, rows=BATCH_BLOCK):
 
 
 def real_batches(data, batch_size, seed, pass_id, start=0, memory_format=torch.contiguous_format):
-    """The real batches of pass `pass_id`, from iteration `start` on, as [-1, 1] floats.
+    """The real batches (x, y) of a TrainingSet for pass `pass_id`, from iteration `start` on:
+    x as [-1, 1] floats, y their classes (None for an unconditional run).
 
     The rows come from a generator of their own, seeded by (seed, pass, block): a pass resumed
     at any iteration sees the same batches, and the noise stream is left to torch's generator.
     """
     for block in itertools.count(start // BATCH_BLOCK):
         key = np.random.SeedSequence([seed, pass_id, block]).generate_state(1, np.uint64)[0]
-        generator = torch.Generator(device=data.device).manual_seed(int(key))
-        idx = block_indices(len(data), batch_size, generator)
+        generator = torch.Generator(device=data.x.device).manual_seed(int(key))
+        idx = block_indices(len(data.x), batch_size, generator)
         for row in idx[max(start - block * BATCH_BLOCK, 0):]:
-            x = to_unit_range(data.index_select(0, row))  # half the time of data[row] on a CPU
-            yield x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
+            x = to_unit_range(data.x.index_select(0, row))  # index_select: faster than data.x[row] on a CPU
+            x = x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
+            yield x, None if data.y is None else data.y.index_select(0, row)
 
 
 # ====================================================================== the choice rule
@@ -292,7 +446,7 @@ class Step:
         return (self.d_pos_loss + self.d_neg_loss) / 2
 
 
-def choose(losses, schedule):
+def choose_step(losses, schedule):
     """The Step of these losses: read to the host (the one read per iteration), the choice rule
     applied; no net when a loss is not finite."""
     with torch.no_grad():
@@ -302,7 +456,7 @@ def choose(losses, schedule):
     return Step(d_pos, d_neg, g, finite, trained, losses.real_logits, losses.fake_logits.detach())
 
 
-def tutorial_step(gen, dis, opt_g, opt_d, x, z, schedule):
+def tutorial_step(gen, dis, opt_g, opt_d, x, z, schedule, y=None):
     """One iteration as the tutorial writes it, sharing no work: the reference that train_step is
     tested against (tests/test_step_equivalence.py) and timed against (tests/bench_speed.py).
 
@@ -312,27 +466,29 @@ def tutorial_step(gen, dis, opt_g, opt_d, x, z, schedule):
         labelled fake, then one on the real batch labelled real (each batch normalised alone).
     (3) Or update G: maximise log D(G(z)): one Adam step of G's parameters through D, labelled
         real (D's gradients are dropped).
+    With classes (y, the real batch's labels; a conditional run), G draws its batch for the same
+    labels and D sees the label beside each image.
     """
     with torch.no_grad():
-        real_logits, fake_logits = dis(x), dis(gen(z))
-        losses = Losses(cost(real_logits, REAL), cost(fake_logits, FAKE), cost(dis(gen(z)), REAL),
+        real_logits, fake_logits = dis(x, y), dis(gen(z, y), y)
+        losses = Losses(cost(real_logits, REAL), cost(fake_logits, FAKE), cost(dis(gen(z, y), y), REAL),
                         real_logits, fake_logits)
-    step = choose(losses, schedule)
+    step = choose_step(losses, schedule)
     if step.trained == "dis":
         opt_d.zero_grad()
-        fake_logits = dis(gen(z).detach())
+        fake_logits = dis(gen(z, y).detach(), y)
         fake_cost = cost(fake_logits, FAKE)
         fake_cost.backward()
         opt_d.step()
         opt_d.zero_grad()
-        real_logits = dis(x)
+        real_logits = dis(x, y)
         real_cost = cost(real_logits, REAL)
         real_cost.backward()
         opt_d.step()
         step.batches = [(fake_cost.detach(), fake_logits.detach(), FAKE), (real_cost.detach(), real_logits.detach(), REAL)]
     elif step.trained == "gen":
         opt_g.zero_grad()
-        fake_logits = dis(gen(z))
+        fake_logits = dis(gen(z, y), y)
         g_cost = cost(fake_logits, REAL)
         g_cost.backward()
         opt_g.step()
@@ -341,47 +497,47 @@ def tutorial_step(gen, dis, opt_g, opt_d, x, z, schedule):
     return step
 
 
-def train_step(gen, dis, opt_g, opt_d, x, z, schedule, autocast=contextlib.nullcontext):
+def train_step(gen, dis, opt_g, opt_d, x, z, schedule, autocast=contextlib.nullcontext, y=None):
     """tutorial_step's numbers with less work (the parameters have not changed in between):
 
     one forward of D on G(z) gives d_neg_loss and g_loss, and its graph serves the update that
     follows; D(x) is evaluated without a graph, since D's update on x comes after its update on
     G(z) and must be recomputed anyway; gradients are taken for the trained net only.
     """
-    losses = compute_losses(gen, dis, x, z, autocast)
-    step = choose(losses, schedule)
+    losses = compute_losses(gen, dis, x, z, autocast, y)
+    step = choose_step(losses, schedule)
     if step.trained == "dis":
-        step.batches = update_dis(losses, dis, opt_d, x, autocast)
+        step.batches = update_dis(losses, dis, opt_d, x, autocast, y)
     elif step.trained == "gen":
         step.batches = update_gen(losses, opt_g)
     return step
 
 
-def compute_losses(gen, dis, x, z, autocast, real=True):
+def compute_losses(gen, dis, x, z, autocast, y=None, real=True):
     """The losses at the current parameters; the graph of D(G(z)) is kept for the update.
     real=False leaves out D(x) and d_pos_loss, which no update uses (the graphed updates)."""
     with autocast():
-        fake_logits = dis(gen(z))
+        fake_logits = dis(gen(z, y), y)
         with torch.no_grad():
-            real_logits = dis(x) if real else None
+            real_logits = dis(x, y) if real else None
     return Losses(cost(real_logits, REAL) if real else None, cost(fake_logits, FAKE), cost(fake_logits, REAL),
                   real_logits, fake_logits)
 
 
-def update_dis(losses, dis, opt_d, x, autocast):
+def update_dis(losses, dis, opt_d, x, autocast, y=None):
     """(2) D: one update on the generated batch (its graph is at hand), then one on the real
     batch. Returns the two batches for the trainer log."""
     descend(losses.d_neg_loss, opt_d)
-    real_cost, real_logits = cost_on_real(dis, x, autocast)
+    real_cost, real_logits = cost_on_real(dis, x, autocast, y)
     descend(real_cost, opt_d)
     return [(losses.d_neg_loss.detach(), losses.fake_logits.detach(), FAKE),
             (real_cost.detach(), real_logits.detach(), REAL)]
 
 
-def cost_on_real(dis, x, autocast):
+def cost_on_real(dis, x, autocast, y=None):
     """D's cost on the real batch, labelled real, and its logits."""
     with autocast():
-        logits = dis(x)
+        logits = dis(x, y)
     return cost(logits, REAL), logits
 
 
@@ -481,17 +637,15 @@ class Run:
     def __init__(self, cfg, seed, speed, device=None):
         self.cfg, self.seed, self.speed = cfg, seed, speed
         self.device = torch.device(device or speed.device)
+        # the tutorial's nets (gan_conf.py), laid out for speed (part 3: prepare_nets)
         self.gen, self.dis = prepare_nets(build_nets(cfg), speed, self.device)
         # Adam with beta1 0.5, the tutorial's; fused into one kernel per net (part 3: Adam)
         self.opt_g, self.opt_d = (Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999), fused=True)
                                   for net in (self.gen, self.dis))
-        self.autocast = make_autocast(self.device, speed.bf16)
+        self.autocast = make_autocast(self.device, speed.bf16)  # bf16 or nothing (part 3)
         self.schedule, self.steps = Schedule(), {"dis": 0, "gen": 0}
         self.logs = {"dis": TrainerLog("discriminator", cfg.batch_size), "gen": TrainerLog("generator", cfg.batch_size)}
-        # Fixed noise for the per-pass pictures, so that passes compare: whole batches, enough
-        # for 64 images or 1024 points.
-        shown = 64 if cfg.is_image else 1024
-        self.fixed_noise = torch.randn(-(-shown // cfg.batch_size) * cfg.batch_size, cfg.noise_dim, device=self.device)
+        self.fixed_noise, self.fixed_labels = picture_noise(cfg, self.device)
         self.pass_id, self.iteration, self.elapsed = 0, 0, 0.0
         self.started = time.time()
 
@@ -513,12 +667,15 @@ class Run:
                 trainer_log.reset_pass()
 
     def state_dict(self):
+        no_labels = torch.zeros(0, dtype=torch.int64)
         return {"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(),
                 "options": {"seed": self.seed, "speed": dataclasses.asdict(self.speed)},
                 "generator": self.gen.state_dict(), "discriminator": self.dis.state_dict(),
                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "rng": rng_state(),
                 "pass": self.pass_id, "iteration": self.iteration, "schedule": dataclasses.asdict(self.schedule),
-                "fixed_noise": self.fixed_noise.cpu(), "trainer_logs": {k: v.state_dict() for k, v in self.logs.items()},
+                "fixed_noise": self.fixed_noise.cpu(),
+                "fixed_labels": no_labels if self.fixed_labels is None else self.fixed_labels.cpu(),
+                "trainer_logs": {k: v.state_dict() for k, v in self.logs.items()},
                 "steps": dict(self.steps), "elapsed": self.seconds()}
 
     def load_state_dict(self, ckpt):
@@ -529,14 +686,39 @@ class Run:
         self.opt_g.load_state_dict(ckpt["opt_g"])
         self.opt_d.load_state_dict(ckpt["opt_d"])
         self.fixed_noise = ckpt["fixed_noise"].to(self.device)
+        self.fixed_labels = ckpt["fixed_labels"].to(self.device) if self.cfg.conditional else None
         self.schedule, self.steps = Schedule(**ckpt["schedule"]), dict(ckpt["steps"])
         for k, state in ckpt["trainer_logs"].items():
             self.logs[k].load_state_dict(state)
-        self.pass_id, self.iteration, self.elapsed = ckpt["pass"], ckpt["iteration"], ckpt["elapsed"]
-        if self.iteration >= self.cfg.iters_per_pass:
-            self.pass_id, self.iteration = self.pass_id + 1, 0
+        self.pass_id, self.iteration = resume_position(ckpt)
+        self.elapsed = ckpt["elapsed"]
         set_rng_state(ckpt["rng"])
         self.started = time.time()
+
+
+def resume_position(ckpt):
+    """(pass, iteration) at which a checkpoint continues: a finished pass goes on with the next."""
+    if ckpt["iteration"] >= ckpt["config"]["iters_per_pass"]:
+        return ckpt["pass"] + 1, 0
+    return ckpt["pass"], ckpt["iteration"]
+
+
+PICTURE_COLUMNS = 10  # conditional pictures: one row per class (up to 10), this many samples each
+
+
+def picture_noise(cfg, device):
+    """The fixed noise (and, conditional, labels) of the per-pass pictures, so that passes
+    compare: whole batches, enough for 64 images or 1024 points; conditional, a grid of one row
+    per class, the same noise down each column."""
+    batches = lambda n: -(-n // cfg.batch_size) * cfg.batch_size  # noqa: E731
+    if not cfg.conditional:
+        return torch.randn(batches(64 if cfg.is_image else 1024), cfg.noise_dim, device=device), None
+    rows, k = min(len(cfg.classes), 10), len(cfg.classes)
+    grid = torch.randn(PICTURE_COLUMNS, cfg.noise_dim).repeat(rows, 1)
+    extra = batches(len(grid)) - len(grid)
+    noise = torch.cat([grid, torch.randn(extra, cfg.noise_dim)])
+    labels = torch.cat([torch.arange(rows).repeat_interleave(PICTURE_COLUMNS), torch.arange(extra) % k])
+    return noise.to(device), labels.to(device)
 
 
 # ====================================================================== the loop
@@ -544,21 +726,23 @@ class Run:
 def train(args):
     """Train for the configured passes, each followed by its checkpoint, scores and pictures."""
     log = Printer(args.quiet)
-    if args.eval_every:
-        check_evaluable(args.data_source, args.data_dir)
     device = choose_device(args.use_gpu, args.gpu_id, log)
     files = RunFiles(args.out_dir, args.data_source, args.keep)
     with files.locked():
-        run = start_run(args, files, device, log)
-        if run.pass_id >= run.cfg.passes:
-            log(f"nothing to do: the run already has {run.cfg.passes} passes (raise --passes to go on)")
+        cfg, seed, ckpt = configure_run(args, files.params)
+        if ckpt is not None and resume_position(ckpt)[0] >= cfg.passes:
+            log(f"nothing to do: the run already has {plural(cfg.passes, 'pass')} (raise --passes to go on)")
             return
-        cfg = run.cfg
-        data = load_data(cfg, args.data_dir, device, run.seed)
-        train_one = make_step(run, log)
-        evaluator = Evaluator(cfg, args.data_dir, data, log) if args.eval_every else None
+        data_dir = args.data_dir or cfg.folder or "data"
+        if args.eval_every:
+            check_evaluable(cfg.data_source, data_dir)
+        data = load_data(cfg, data_dir, device, seed, args.conditional or cfg.conditional, log, args.quiet)
+        run = start_run(args, fit_to_data(cfg, data, ckpt, log), seed, ckpt, device, files, log)
+        train_one = make_step(run, log)  # train_step, or a form of it that computes the same faster (part 3)
+        evaluator = Evaluator(cfg, data_dir, data.x, log) if args.eval_every else None
         memory_format = torch.channels_last if run.speed.channels_last else torch.contiguous_format
-        log(f"training {cfg.data_source} on {device}: {cfg.passes} passes of {cfg.iters_per_pass} iterations, "
+        cfg = run.cfg
+        log(f"training {cfg.data_source} on {device}: {plural(cfg.passes, 'pass')} of {cfg.iters_per_pass} iterations, "
             f"batch {cfg.batch_size}, lr {cfg.lr:g}, seed {run.seed}", f"speed: {run.speed.describe()}",
             *filter(None, [bf16_hint(run)]))
         run.started = time.time()
@@ -571,8 +755,9 @@ def train(args):
                 for i in range(run.iteration, cfg.iters_per_pass):
                     if stop.signal is not None:
                         stop_with_checkpoint(run, files, log, stop.signal, f"at pass {pass_id} iteration {i}")
+                    x, y = next(batches)
                     z = torch.randn(cfg.batch_size, cfg.noise_dim, device=device)
-                    step = train_one(next(batches), z, run.schedule)
+                    step = train_one(x, z, run.schedule, y=y)
                     if not step.finite:
                         log.end_pass()
                         last_good = files.last_good_checkpoint()
@@ -588,40 +773,32 @@ def train(args):
                     else:
                         log.update(1)
                 log.end_pass()
-                end_pass(run, files, evaluator, args, log, time.time() - started, first, stopping=stop.signal)
+                finish_pass(run, files, evaluator, args, log, time.time() - started, first, stopping=stop.signal)
                 run.iteration = 0
                 if stop.signal is not None and pass_id + 1 < cfg.passes:
                     stop_with_checkpoint(run, files, log, stop.signal, f"after pass {pass_id}", written=True)
 
 
-def start_run(args, files, device, log):
-    """The run to train: a new one, or the one a checkpoint continues (--resume)."""
-    if args.resume is None:
-        cfg, seed = fresh_config(args, files.params)
-        speed = Speed.decide(args, cfg, device, log=log)
-        apply_to_process(speed)
-        run = Run(cfg, seed, speed, device)
-        files.open_metrics()
-        return run
-    ckpt, metrics_source = load_resume_checkpoint(args, files.params)
-    cfg = config_from_checkpoint(ckpt)
-    if args.passes is not None:  # --passes sets the run's new total
-        cfg = dataclasses.replace(cfg, passes=args.passes)
-    saved = Speed(**ckpt["options"]["speed"])
+def start_run(args, cfg, seed, ckpt, device, files, log):
+    """The run to train, with its speed options: a new one, or the one a checkpoint continues."""
+    saved = Speed(**ckpt["options"]["speed"]) if ckpt else None
     speed = Speed.decide(args, cfg, device, saved, log)
     apply_to_process(speed)
-    run = Run(cfg, ckpt["options"]["seed"], speed, device)
+    run = Run(cfg, seed, speed, device)
+    if ckpt is None:
+        files.open_metrics()
+        return run
     run.load_state_dict(ckpt)
-    files.open_metrics(metrics_until(metrics_source, ckpt, log))
-    log(f"resuming {ckpt['path']} at pass {run.pass_id} iteration {run.iteration} of {cfg.passes} passes")
-    changed = run.speed.differences(saved)
+    files.open_metrics(metrics_until(ckpt["path"].parent / "metrics.jsonl", ckpt, log))
+    log(f"resuming {ckpt['path']} at pass {run.pass_id} iteration {run.iteration} of {plural(cfg.passes, 'pass')}")
+    changed = speed.differences(saved)
     if changed:
         log(f"note: resuming with {', '.join(changed)}: the run goes on correctly, but its numbers "
             "will not be bit-identical to an unbroken run's")
     return run
 
 
-def end_pass(run, files, evaluator, args, log, seconds, first, stopping=None):
+def finish_pass(run, files, evaluator, args, log, seconds, first, stopping=None):
     """After a pass: its checkpoint first (nothing optional may cost it), then the scores, the
     picture, the plots and the pass's line."""
     cfg, pass_id = run.cfg, run.pass_id
@@ -652,9 +829,11 @@ def stop_with_checkpoint(run, files, log, signum, where, written=False):
 #
 # Where a run writes, under --out_dir: <d>_params/ (a checkpoint per pass, metrics.jsonl) and
 # <d>_samples/ (a picture per pass, losses.png, progress.gif). Every file is written to a
-# temporary name and renamed, so a kill never leaves half a file; a failed write ends the run
-# in one line naming the file; the pass's checkpoint is written before anything optional; a
-# run holds its folder for its whole life.
+# temporary name and renamed, so a kill never leaves half a file (metrics.jsonl is appended a
+# line at a time; a line cut short is dropped on resume); a failed write ends the run in one
+# line naming the file; the pass's checkpoint is written before anything optional; a run holds
+# its folder for its whole life. Then what a run is configured with (a new run's flags, a
+# checkpoint's checked content), and the console: log lines, the progress bar, stop signals.
 
 GIF_FRAMES = 20      # most frames in progress.gif
 PLOT_PERIOD = 30     # seconds: losses.png and progress.gif are redrawn after a pass at most this often
@@ -667,8 +846,13 @@ class RunFiles:
         self.samples, self.params = output_dirs(out_dir, data_source)
         self.keep, self.metrics, self.plotted = keep, None, time.time()
 
+    @contextlib.contextmanager
     def locked(self):
-        return lock_run_folder(self.params)
+        """The run's hold on its folders (lock_run_folder); what a killed run left half-written goes."""
+        with lock_run_folder(self.params):
+            for folder in (self.params, self.samples):
+                remove_stale_temporaries(folder)
+            yield
 
     def open_metrics(self, kept=()):
         self.metrics = MetricsLog(self.params / "metrics.jsonl", kept)
@@ -686,14 +870,19 @@ class RunFiles:
         return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
 
     def save_picture(self, run):
-        """train_pass<N>.png of G's output for the fixed noise; for points, their mean and std too."""
-        samples = generate_samples(run.gen, run.fixed_noise, run.cfg.batch_size)
+        """train_pass<N>.png of G's output for the fixed noise (conditional: one row per class,
+        up to 10); for points, their mean and std too."""
+        cfg = run.cfg
+        samples = generate_samples(run.gen, run.fixed_noise, cfg.batch_size, labels=run.fixed_labels)
         picture = self.samples / f"train_pass{run.pass_id}.png"
         stats = ""
-        if not run.cfg.is_image:
+        if not cfg.is_image:
             mean, std = samples.mean(0).tolist(), samples.std(0).tolist()
             stats = f"; generated mean [{mean[0]:.4f} {mean[1]:.4f}] std [{std[0]:.4f} {std[1]:.4f}]"
-        save_samples(samples, picture, title=f"{run.cfg.data_source} pass {run.pass_id}")
+        if cfg.conditional:
+            samples = samples[:min(len(cfg.classes), 10) * PICTURE_COLUMNS]
+        save_samples(samples, picture, f"{cfg.data_source} pass {run.pass_id}",
+                     PICTURE_COLUMNS if cfg.conditional else 8)
         return picture, stats
 
     def draw_plots(self, passes_done, cfg, force=False):
@@ -745,8 +934,6 @@ def lock_run_folder(params_dir):
         lock.truncate(0)
         lock.write(f"{os.getpid()}\n")
         lock.flush()
-        remove_stale_temporaries(params_dir)
-        remove_stale_temporaries(params_dir.parent / params_dir.name.replace("_params", "_samples"))
         yield
 
 
@@ -793,7 +980,8 @@ def remove_stale_temporaries(folder):
 
 CHECKPOINT_FORMAT = 2  # 1 (no "format" key): G's first batch norm per channel, a pickled NumPy state
 CHECKPOINT_KEYS = {"format", "generator", "discriminator", "opt_g", "opt_d", "rng", "pass", "iteration",
-                   "schedule", "fixed_noise", "config", "options", "trainer_logs", "steps", "elapsed"}
+                   "schedule", "fixed_noise", "fixed_labels", "config", "options", "trainer_logs", "steps",
+                   "elapsed"}
 
 
 def rng_state():
@@ -880,7 +1068,11 @@ def load_checkpoint(path, data_source):
     if not path.exists():
         raise UserError(f"checkpoint {path} not found: train first, or name one with --params")
     ckpt = read_checkpoint(path)
-    check_checkpoint(ckpt, path, data_source)
+    try:
+        check_checkpoint(ckpt, path, data_source)
+    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError, IndexError) as e:
+        # a combination of odd values that the checks did not foresee: still one line
+        raise UserError(f"{path}: not a usable checkpoint: odd content ({in_one_line(e, most=100)})")
     ckpt["path"] = path
     return ckpt
 
@@ -919,7 +1111,8 @@ def check_checkpoint(ckpt, path, data_source):
     if missing:
         raise UserError(f"{path}: not a checkpoint of this trainer (missing {', '.join(sorted(missing))})")
     need(not extra, f"unexpected {', '.join(sorted(map(str, extra)))}")
-    need(ckpt["format"] == CHECKPOINT_FORMAT, f"format {ckpt['format']!r}, this trainer reads {CHECKPOINT_FORMAT}")
+    need(type(ckpt["format"]) is int and ckpt["format"] == CHECKPOINT_FORMAT,
+         f"format {ckpt['format']!r}, this trainer reads {CHECKPOINT_FORMAT}")
     cfg = check_config(ckpt["config"], need)
     made_for = cfg.data_source
     if made_for != data_source:
@@ -947,6 +1140,11 @@ def check_checkpoint(ckpt, path, data_source):
     noise = ckpt["fixed_noise"]
     need(is_float_tensor(noise) and noise.dim() == 2 and noise.shape[1] == cfg.noise_dim and len(noise) > 0
          and len(noise) % cfg.batch_size == 0, f"fixed_noise must be whole batches of {cfg.noise_dim}-d noise")
+    labels = ckpt["fixed_labels"]
+    need(isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and labels.dim() == 1
+         and len(labels) == (len(noise) if cfg.conditional else 0)
+         and bool(((labels >= 0) & (labels < max(1, len(cfg.classes)))).all()),
+         "fixed_labels must be a class index for each fixed noise vector (none when unconditional)")
     options = ckpt["options"]
     need(has_keys(options, ("seed", "speed")) and is_int(options["seed"], 0, 2 ** 32 - 1),
          "options must be {'seed': 0 to 2^32-1, 'speed': {...}}")
@@ -965,21 +1163,33 @@ def check_config(config, need):
     fields = {f.name: f.type for f in dataclasses.fields(GANConfig)}
     need(isinstance(config, dict) and config.keys() == fields.keys(),
          f"config must have exactly the fields of GANConfig ({', '.join(fields)})")
-    need(config["data_source"] in CONFIGS, f"config.data_source must be one of {', '.join(sorted(CONFIGS))}")
+    need(type(config["data_source"]) is str and config["data_source"] in CONFIGS,
+         f"config.data_source must be one of {', '.join(sorted(CONFIGS))}")
     for name, kind in fields.items():
         v = config[name]
         if kind is int:
-            need(is_int(v, 2 if name == "batch_size" else 1), f"config.{name} must be a positive integer")
+            low = {"batch_size": 2, "images": 0}.get(name, 1)
+            need(is_int(v, low), f"config.{name} must be an integer of at least {low}")
         elif name == "beta1":
             need(is_number(v, 0.0, 1.0) and v < 1, "config.beta1 must be a number in [0, 1)")
         elif kind is float:
             need(is_number(v) and v > 0, f"config.{name} must be a positive number")
         elif kind is bool:
             need(type(v) is bool, f"config.{name} must be true or false")
-    shape = CONFIGS[config["data_source"]].sample_shape
-    need(tuple(config["sample_shape"]) == shape if isinstance(config["sample_shape"], (tuple, list)) else False,
-         f"config.sample_shape must be {shape} for {config['data_source']}")
-    return GANConfig(**dict(config, sample_shape=shape))
+        elif kind is str:
+            need(type(v) is str, f"config.{name} must be a string")
+    classes = config["classes"]
+    need(isinstance(classes, (tuple, list)) and all(type(c) is str for c in classes)
+         and len(set(classes)) == len(classes) != 1, "config.classes must be distinct names, none or several")
+    shape = config["sample_shape"]
+    need(isinstance(shape, (tuple, list)), "config.sample_shape must be a tuple")
+    if config["data_source"] == "folder":
+        need(len(shape) == 3 and shape[0] in (1, 3) and is_int(shape[1]) and shape[1] == shape[2]
+             and image_size_ok(shape[1]), "config.sample_shape must be (1 or 3, s, s) with a size the nets admit")
+    else:
+        need(tuple(shape) == CONFIGS[config["data_source"]].sample_shape,
+             f"config.sample_shape must be {CONFIGS[config['data_source']].sample_shape} for {config['data_source']}")
+    return GANConfig(**dict(config, sample_shape=tuple(shape), classes=tuple(classes)))
 
 
 def check_adam_state(state, shapes, trained, need):
@@ -1018,54 +1228,87 @@ def check_rng_state(state, need):
     need(isinstance(state["torch"], torch.Tensor) and state["torch"].dtype == torch.uint8
          and state["torch"].shape == torch.get_rng_state().shape, "rng.torch is not a torch random state")
     cuda = state["cuda"]
-    need(isinstance(cuda, list) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1
-                                        and t.shape == cuda[0].shape for t in cuda), "rng.cuda must be CUDA random states")
+    need(isinstance(cuda, list) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.shape == (16,)
+                                        for t in cuda), "rng.cuda must be CUDA random states (16 bytes each)")
 
 
 def config_from_checkpoint(ckpt):
     """The GANConfig a checked checkpoint was made with."""
-    return GANConfig(**dict(ckpt["config"], sample_shape=tuple(ckpt["config"]["sample_shape"])))
+    config = ckpt["config"]
+    return GANConfig(**dict(config, sample_shape=tuple(config["sample_shape"]), classes=tuple(config["classes"])))
 
 
 # ====================================================================== configuration of a run
 
+def configure_run(args, params_dir):
+    """(configuration, seed, checkpoint) of the run to train: a new one (its random generators
+    seeded), or the one --resume continues (its checkpoint, checked)."""
+    if args.resume is None:
+        return *fresh_config(args, params_dir), None
+    ckpt = load_resume_checkpoint(args, params_dir)
+    cfg = config_from_checkpoint(ckpt)
+    if args.passes is not None:  # --passes sets the run's new total
+        cfg = dataclasses.replace(cfg, passes=args.passes)
+    return cfg, ckpt["options"]["seed"], ckpt
+
+
 RESUME_KEEPS = (("--iters", "iters", "iters_per_pass"), ("--batch_size", "batch_size", "batch_size"),
                 ("--lr", "lr", "lr"), ("--hidden_dim", "hidden_dim", "hidden_dim"),
-                ("--d_batch_norm", "d_batch_norm", "d_batch_norm"), ("--g_sigmoid", "g_sigmoid", "g_sigmoid"))
+                ("--d_batch_norm", "d_batch_norm", "d_batch_norm"), ("--g_sigmoid", "g_sigmoid", "g_sigmoid"),
+                ("--conditional", "conditional", "conditional"))
 
 
 def load_resume_checkpoint(args, params_dir):
-    """The checkpoint --resume names (or the newest), and the metrics.jsonl beside it. Refused:
-    one older than the newest of its own folder (it would overwrite the newer ones), one from
-    elsewhere when this run's folder holds another run's files, flags that differ from it."""
+    """The checkpoint --resume names (or the newest). Refused: one older than the newest of its
+    own folder (it would overwrite the newer ones), one from elsewhere when this run's folder
+    holds another run's files, flags that differ from its configuration."""
     ckpt = load_checkpoint(args.resume or params_dir, args.data_source)
-    source = ckpt["path"].parent
-    if source.resolve() == params_dir.resolve():
+    if ckpt["path"].parent.resolve() == params_dir.resolve():
         newer = [p for p in list_checkpoints(params_dir) if int(p.stem[5:]) > ckpt["pass"]]
         if newer:
             raise UserError(f"{newer[-1]} is newer than {ckpt['path']}: resuming from the older one would "
                             f"overwrite the newer ones; move them away first, or --resume from the newest")
-    elif list_checkpoints(params_dir) or (params_dir / "metrics.jsonl").exists():
-        raise UserError(f"{params_dir} holds another run's files: resuming {ckpt['path']} there would mix "
-                        "the two runs; give an --out_dir without them (the run continues there)")
+    elif list_checkpoints(params_dir):
+        raise UserError(f"{params_dir} holds another run's checkpoints: resuming {ckpt['path']} there would "
+                        "mix the two runs; give an --out_dir without them (the run continues there)")
     cfg = config_from_checkpoint(ckpt)
-    for flag, arg, field in RESUME_KEEPS:
-        given, kept = getattr(args, arg), getattr(cfg, field)
-        if given is not None and type(kept)(given) != kept:
-            raise UserError(f"{flag} {given} differs from the run's {kept}: a resumed run keeps its "
+    kept = [(flag, getattr(args, arg), getattr(cfg, field)) for flag, arg, field in RESUME_KEEPS]
+    kept += [("--seed", args.seed, ckpt["options"]["seed"]),
+             ("--image_size", args.image_size, cfg.sample_shape[-1]),
+             ("--channels", args.channels, cfg.sample_shape[0] if cfg.is_image else None),
+             ("--data_dir", args.data_dir and cfg.folder and str(Path(args.data_dir).resolve()), cfg.folder)]
+    for flag, given, run_value in kept:
+        if given is not None and type(run_value)(given) != run_value:
+            raise UserError(f"{flag} {given} differs from the run's {run_value}: a resumed run keeps its "
                             "configuration (a new run, in another --out_dir, can change it)")
-    if args.seed is not None and args.seed != ckpt["options"]["seed"]:
-        raise UserError(f"--seed {args.seed} differs from the run's {ckpt['options']['seed']}: a resumed run keeps its seed")
-    return ckpt, source / "metrics.jsonl"
+    return ckpt
 
 
 def make_config(args):
+    """A new run's configuration: the tutorial's for the data source, and the flags given."""
     cfg = CONFIGS[args.data_source]
-    if cfg.is_image and (args.hidden_dim or args.g_sigmoid):
+    if cfg.is_image and (args.hidden_dim is not None or args.g_sigmoid is not None):
         raise UserError("--hidden_dim and --g_sigmoid apply to -d uniform only")
+    if args.conditional and not cfg.is_image:
+        raise UserError("--conditional 1 needs images with classes: -d mnist, cifar or folder")
+    if cfg.data_source != "folder" and (args.image_size or args.channels):
+        raise UserError("--image_size and --channels apply to -d folder only (mnist and cifar have their own)")
     overrides = {"passes": args.passes, "iters_per_pass": args.iters, "batch_size": args.batch_size, "lr": args.lr,
                  "d_batch_norm": args.d_batch_norm, "hidden_dim": args.hidden_dim, "g_sigmoid": args.g_sigmoid}
-    return dataclasses.replace(cfg, **{k: type(getattr(cfg, k))(v) for k, v in overrides.items() if v is not None})
+    cfg = dataclasses.replace(cfg, **{k: type(getattr(cfg, k))(v) for k, v in overrides.items() if v is not None})
+    if cfg.data_source == "folder":
+        if not args.data_dir:
+            raise UserError("-d folder needs --data_dir PATH: the folder of images to learn")
+        size, channels = args.image_size or cfg.sample_shape[1], args.channels or cfg.sample_shape[0]
+        if not image_size_ok(size):
+            raise UserError(f"--image_size {size}: the tutorial's nets halve the size three times, so it must be "
+                            f"at least 8; the nearest size that works is {nearest_image_size(size)}")
+        cfg = dataclasses.replace(cfg, sample_shape=(channels, size, size), folder=str(Path(args.data_dir).resolve()))
+    return cfg
+
+
+def nearest_image_size(size):
+    return min((s for s in range(1, 2 * size + 16) if image_size_ok(s)), key=lambda s: (abs(s - size), s))
 
 
 def fresh_config(args, params_dir):
@@ -1073,11 +1316,23 @@ def fresh_config(args, params_dir):
     if list_checkpoints(params_dir):
         raise UserError(f"{params_dir} already holds checkpoints of a run: continue it with --resume, "
                         "or give another --out_dir (or remove them) to start afresh")
+    cfg = make_config(args)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    return make_config(args), seed
+    return cfg, seed
+
+
+def fit_to_data(cfg, data, ckpt, log):
+    """The configuration with what the data says: a new run records its image count and classes;
+    a resumed one must find the classes it was trained with."""
+    if ckpt is not None and data.classes != cfg.classes:
+        raise UserError(f"{cfg.folder or cfg.data_source}: the data's classes ({', '.join(data.classes) or 'none'}) "
+                        f"are not the run's ({', '.join(cfg.classes) or 'none'})")
+    if ckpt is not None and cfg.images and len(data.x) != cfg.images:
+        log(f"note: the data holds {len(data.x)} images, the run was started on {cfg.images}")
+    return dataclasses.replace(cfg, images=len(data.x) if cfg.is_image else 0, classes=data.classes)
 
 
 # ====================================================================== metrics.jsonl
@@ -1144,16 +1399,19 @@ def metrics_until(path, ckpt, log):
 # ====================================================================== pictures and plots
 
 @torch.no_grad()
-def generate_samples(gen, noise, batch_size, generator=None):
-    """G's output for `noise`, in batches of batch_size: batch norm sees the batch
-    statistics G was trained with (the last batch is topped up with extra noise)."""
+def generate_samples(gen, noise, batch_size, generator=None, labels=None):
+    """G's output for `noise` (and, conditional, `labels`), in batches of batch_size: batch norm
+    sees the batch statistics G was trained with (the last batch is topped up with extra noise,
+    and labels taken from the start)."""
     out = []
-    for chunk in noise.split(batch_size):
-        if len(chunk) < batch_size:
-            extra = torch.randn(batch_size - len(chunk), chunk.shape[1], generator=generator).to(chunk.device)
-            out.append(gen(torch.cat([chunk, extra]))[:len(chunk)])
-        else:
-            out.append(gen(chunk))
+    for start in range(0, len(noise), batch_size):
+        z = noise[start:start + batch_size]
+        y = None if labels is None else labels[start:start + batch_size]
+        n = len(z)
+        if n < batch_size:
+            z = torch.cat([z, torch.randn(batch_size - n, z.shape[1], generator=generator).to(z.device)])
+            y = None if y is None else torch.cat([y, labels[torch.arange(batch_size - n) % len(labels)]])
+        out.append(gen(z, y)[:n])
     return torch.cat(out).float()
 
 
@@ -1165,11 +1423,13 @@ def pyplot():
     return plt
 
 
-def save_sample_grid(images, path):
-    """An 8 x 8 grid of the first 64 images, no padding (224 x 224 for mnist, 256 x 256 for cifar)."""
+def save_sample_grid(images, path, columns=8):
+    """A grid of images, `columns` to a row, no padding; by default the first 64 as 8 x 8
+    (224 x 224 for mnist, 256 x 256 for cifar)."""
     from torchvision.utils import save_image
     with atomic_path(path) as tmp:
-        save_image(images[:64].cpu(), tmp, nrow=8, padding=0, normalize=True, value_range=(-1, 1), format="png")
+        save_image(images[:columns * columns if columns == 8 else len(images)].cpu(), tmp, nrow=columns, padding=0,
+                   normalize=True, value_range=(-1, 1), format="png")
 
 
 def save_scatter(points, path, title=""):
@@ -1190,9 +1450,9 @@ def save_scatter(points, path, title=""):
     plt.close(fig)
 
 
-def save_samples(samples, path, title=""):
+def save_samples(samples, path, title="", columns=8):
     if samples.dim() == 4:
-        save_sample_grid(samples, path)
+        save_sample_grid(samples, path, columns)
     else:
         save_scatter(samples, path, title)
 
@@ -1360,27 +1620,30 @@ class Speed:
 
     @classmethod
     def decide(cls, args, cfg, device, saved=None, log=print):
-        """The speed options of a run: the flags given, else (bf16, layout) the run's own when it
-        resumes, else the defaults, which are the fastest measured (tests/BENCHMARKS.md)."""
+        """The speed options of a run: the flags given; else, resuming on the same kind of device,
+        the run's own (so that a plain --resume continues bit for bit); else the defaults, the
+        fastest measured (tests/BENCHMARKS.md). bf16 changes precision: a run keeps its own."""
         if args.cuda_graphs and device.type != "cuda":
             log("--cuda_graphs 1 needs a GPU: running eagerly")
         if args.compile and device.type != "cpu":
             log("--compile 1 is for the CPU: ignored on a GPU (where --cuda_graphs speeds the step up)")
+        same = saved is not None and torch.device(saved.device).type == device.type
+
+        def option(flag, name, default):
+            return bool(flag) if flag is not None else getattr(saved, name) if same else default
+
         if device.type != "cpu":
             threads = torch.get_num_threads()
         else:  # 1 for the tiny uniform nets: their ops are too small to share out between threads
-            threads = args.threads or (1 if not cfg.is_image else torch.get_num_threads())
-        # channels-last: the same convolutions summed in another order, faster on the CPU
-        channels_last = (bool(args.channels_last) if args.channels_last is not None
-                         else saved.channels_last if saved else device.type == "cpu")
+            threads = args.threads or (saved.threads if same else 1 if not cfg.is_image else torch.get_num_threads())
         return cls(device=str(device), threads=threads,
-                   channels_last=cfg.is_image and channels_last,
+                   # the same convolutions summed in another order, faster on the CPU
+                   channels_last=cfg.is_image and option(args.channels_last, "channels_last", device.type == "cpu"),
                    bf16=bool(args.bf16) if args.bf16 is not None else bool(saved and saved.bf16),
                    # a graph launches an iteration's couple of hundred small kernels at once
-                   cuda_graphs=device.type == "cuda" and args.cuda_graphs != 0,
+                   cuda_graphs=device.type == "cuda" and option(args.cuda_graphs, "cuda_graphs", True),
                    # the tiny uniform nets are all per-call overhead; images, convolutions
-                   compile=device.type == "cpu" and (bool(args.compile) if args.compile is not None
-                                                     else not cfg.is_image))
+                   compile=device.type == "cpu" and option(args.compile, "compile", not cfg.is_image))
 
     @classmethod
     def from_dict(cls, d, need):
@@ -1441,7 +1704,7 @@ def make_autocast(device, bf16):
 
 
 def make_step(run, log=print):
-    """The iteration as a function (x, z, schedule) -> Step: train_step, its replay from CUDA
+    """The iteration as a function (x, z, schedule, y) -> Step: train_step, its replay from CUDA
     graphs (GPU), or its compiled form (CPU)."""
     nets = (run.gen, run.dis, run.opt_g, run.opt_d, run.autocast)
     if run.speed.cuda_graphs:
@@ -1492,14 +1755,19 @@ class Adam(torch.optim.Adam):
         params = group["params"]
         states = [self.state[p] for p in params]
         if (closure is not None or len(self.param_groups) != 1 or not all(states) or group["amsgrad"]
-                or not group["fused"] or not hasattr(torch, "_fused_adam_")):
+                or not group["fused"] or not hasattr(torch, "_fused_adam_") or not getattr(self, "direct", True)):
             return super().step(closure)
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1)
-        torch._fused_adam_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                           [s["exp_avg_sq"] for s in states], [], steps, amsgrad=False, lr=group["lr"],
-                           beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=group["weight_decay"],
-                           eps=group["eps"], maximize=group["maximize"], grad_scale=None, found_inf=None)
+        try:
+            torch._fused_adam_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                               [s["exp_avg_sq"] for s in states], [], steps, amsgrad=False, lr=group["lr"],
+                               beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=group["weight_decay"],
+                               eps=group["eps"], maximize=group["maximize"], grad_scale=None, found_inf=None)
+        except TypeError:  # a torch whose private kernel takes other arguments: its own step, from now on
+            torch._foreach_sub_(steps, 1)
+            self.direct = False
+            return super().step()
 
     # torch wraps every optimizer's step() in a profiler record and hook calls, which cost about
     # as much again as this update; marked as wrapped already, this step() is left as it is
@@ -1527,22 +1795,23 @@ class GraphedStep:
 
     def __init__(self, gen, dis, opt_g, opt_d, autocast, capture=True):
         self.nets, self.opts, self.autocast, self.capture = (gen, dis), (opt_g, opt_d), autocast, capture
-        self.x = self.z = None
+        self.x = self.z = self.y = None
 
-    def _build(self, x, z):
+    def _build(self, x, z, y=None):
         gen, dis = self.nets
         opt_g, opt_d = self.opts
         self.x, self.z = x.clone(), z.clone()  # clone keeps x's memory format
+        self.y = None if y is None else y.clone()
 
         def losses():
-            return compute_losses(gen, dis, self.x, self.z, self.autocast)
+            return compute_losses(gen, dis, self.x, self.z, self.autocast, self.y)
 
         def train_dis():
-            return update_dis(compute_losses(gen, dis, self.x, self.z, self.autocast, real=False),
-                              dis, opt_d, self.x, self.autocast)
+            return update_dis(compute_losses(gen, dis, self.x, self.z, self.autocast, self.y, real=False),
+                              dis, opt_d, self.x, self.autocast, self.y)
 
         def train_gen():
-            return update_gen(compute_losses(gen, dis, self.x, self.z, self.autocast, real=False), opt_g)
+            return update_gen(compute_losses(gen, dis, self.x, self.z, self.autocast, self.y, real=False), opt_g)
 
         # the graphs read the cached label batches (LABELS is never emptied; held here all the same)
         self.labels = [labels(len(x), label, x.device) for label in (REAL, FAKE)]
@@ -1578,12 +1847,14 @@ class GraphedStep:
                     tensors += [t for t in opt.state[p].values() if torch.is_tensor(t)]
         return tensors
 
-    def __call__(self, x, z, schedule):
+    def __call__(self, x, z, schedule, y=None):
         if self.x is None:
-            self._build(x, z)
+            self._build(x, z, y)
         self.x.copy_(x)
         self.z.copy_(z)
-        step = choose(self._run("losses"), schedule)
+        if y is not None:
+            self.y.copy_(y)
+        step = choose_step(self._run("losses"), schedule)
         if step.trained:
             # the graphs' outputs are overwritten by the next replay: the log keeps copies
             step.batches = [(c.clone(), logits.clone(), label) for c, logits, label in self._run(step.trained)]
@@ -1641,20 +1912,20 @@ class CompiledStep:
         self.ready, self.losses_and_grads, self.dis_on_real = False, None, None  # compiled by the first call
         params = {net: opt.param_groups[0]["params"] for net, opt in self.opts.items()}
 
-        def losses_and_grads(x, z):
-            losses = compute_losses(gen, dis, x, z, autocast)
+        def losses_and_grads(x, z, y):
+            losses = compute_losses(gen, dis, x, z, autocast, y)
             grads = {"gen": torch.autograd.grad(losses.g_loss, params["gen"], retain_graph=True),
                      "dis": torch.autograd.grad(losses.d_neg_loss, params["dis"])}
             values = torch.stack([losses.d_pos_loss, losses.d_neg_loss, losses.g_loss]).detach()
             return values, losses.real_logits, losses.fake_logits.detach(), grads
 
-        def dis_on_real(x):
-            real_cost, logits = cost_on_real(dis, x, autocast)
+        def dis_on_real(x, y):
+            real_cost, logits = cost_on_real(dis, x, autocast, y)
             return real_cost.detach(), logits.detach(), torch.autograd.grad(real_cost, params["dis"])
 
         self.functions = losses_and_grads, dis_on_real
 
-    def _compile(self, x, z):
+    def _compile(self, x, z, y):
         """Compile both functions on the first batch (their calls change nothing), or fall back."""
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
         for label in (REAL, FAKE):
@@ -1665,8 +1936,8 @@ class CompiledStep:
             torch._dynamo.config.trace_autograd_ops = True  # torch.autograd.grad inside the graph (torch 2.14)
             self.losses_and_grads, self.dis_on_real = (torch.compile(f, fullgraph=True, dynamic=False)
                                                        for f in self.functions)
-            self.losses_and_grads(x, z)
-            self.dis_on_real(x)
+            self.losses_and_grads(x, z, y)
+            self.dis_on_real(x, y)
             self.log(f"compiled the training step in {time.time() - started:.1f} s "
                      "(torch.compile; --compile 0 runs it eagerly)")
         except Exception as e:
@@ -1674,25 +1945,25 @@ class CompiledStep:
             self.losses_and_grads = None
         self.ready = True
 
-    def __call__(self, x, z, schedule):
+    def __call__(self, x, z, schedule, y=None):
         if not self.ready:
-            self._compile(x, z)
+            self._compile(x, z, y)
         if self.losses_and_grads is None:
-            return self.eager(x, z, schedule)
-        values, real_logits, fake_logits, grads = self.losses_and_grads(x, z)
-        step = choose(Losses(values[0], values[1], values[2], real_logits, fake_logits), schedule)
+            return self.eager(x, z, schedule, y=y)
+        values, real_logits, fake_logits, grads = self.losses_and_grads(x, z, y)
+        step = choose_step(Losses(values[0], values[1], values[2], real_logits, fake_logits), schedule)
         if step.trained:
-            self.descend(grads[step.trained], step.trained)
+            self.apply_gradients(grads[step.trained], step.trained)
         if step.trained == "dis":
-            real_cost, logits, real_grads = self.dis_on_real(x)
-            self.descend(real_grads, "dis")
+            real_cost, logits, real_grads = self.dis_on_real(x, y)
+            self.apply_gradients(real_grads, "dis")
             step.batches = [(values[1], fake_logits, FAKE), (real_cost, logits, REAL)]
         elif step.trained == "gen":
             step.batches = [(values[2], fake_logits, REAL)]
         return step
 
-    def descend(self, grads, net):
-        """One Adam step of a net with gradients computed already."""
+    def apply_gradients(self, grads, net):
+        """One Adam step of a net with gradients computed already (descend, without the grad)."""
         opt = self.opts[net]
         for p, g in zip(opt.param_groups[0]["params"], grads):
             p.grad = g
@@ -1779,44 +2050,79 @@ def output_stem(output, default):
 
 
 def generate(args):
-    """The tutorial's last step: noise through the trained G; writes FILE.npy and FILE.png."""
+    """The tutorial's last step: noise through the trained G; writes FILE.npy and FILE.png
+    (conditional: FILE.labels.npy too, the class asked for of each sample)."""
     device = choose_device(args.use_gpu, args.gpu_id, write_stdout)
     out = output_stem(args.output, Path(args.out_dir) / f"{args.data_source}_samples" / "generated")
     cfg, gen, path = load_generator(args, device)
+    labels = sample_labels(cfg, args.generate, args.label)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    samples = generate_samples(gen, torch.randn(args.generate, cfg.noise_dim, device=device), cfg.batch_size)
+    noise = torch.randn(args.generate, cfg.noise_dim, device=device)
+    samples = generate_samples(gen, noise, cfg.batch_size, labels=None if labels is None else labels.to(device))
     samples = samples.clamp(-1, 1) if cfg.is_image else samples
     npy, png = out.with_name(out.name + ".npy"), out.with_name(out.name + ".png")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot make the folder {out.parent}: {e.strerror or e}")
-    with atomic_path(npy) as tmp:
+    save_array(samples.cpu().numpy().astype(np.float32), npy)
+    if labels is not None:
+        save_array(labels.numpy(), out.with_name(out.name + ".labels.npy"))
+    columns = min(len(cfg.classes), 10) if labels is not None and args.label is None else 8
+    save_samples(samples, png, f"{args.generate} samples from {path.name}", columns)
+    write_stdout(f"wrote {args.generate} samples of shape {tuple(samples.shape[1:])} from {path} to {npy} and {png}"
+                 + ("" if labels is None else f" (labels in {out.name}.labels.npy)"))
+
+
+def save_array(array, path):
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.save(f, samples.cpu().numpy().astype(np.float32))
-    save_samples(samples, png, title=f"{args.generate} samples from {path.name}")
-    write_stdout(f"wrote {args.generate} samples of shape {tuple(samples.shape[1:])} from {path} to {npy} and {png}")
+            np.save(f, array)
+
+
+def sample_labels(cfg, n, label=None):
+    """The classes of n samples of a conditional G: all `label` (a class index or name), else
+    cycling over the classes; None for an unconditional G."""
+    if not cfg.conditional:
+        if label is not None:
+            raise UserError("--label applies to a conditional generator (trained with --conditional 1)")
+        return None
+    if label is None:
+        return torch.arange(n) % len(cfg.classes)
+    if label in cfg.classes:
+        index = cfg.classes.index(label)
+    elif label.isdigit() and int(label) < len(cfg.classes):
+        index = int(label)
+    else:
+        raise UserError(f"--label {label}: not a class of this generator: 0-{len(cfg.classes) - 1} or "
+                        f"{', '.join(cfg.classes[:12])}{', ...' if len(cfg.classes) > 12 else ''}")
+    return torch.full((n,), index)
 
 
 def evaluate(args):
     """Score a trained generator offline (see the README for what each figure means)."""
-    check_evaluable(args.data_source, args.data_dir)
+    data_dir = args.data_dir or "data"
+    check_evaluable(args.data_source, data_dir)
     device = choose_device(args.use_gpu, args.gpu_id, write_stdout)
     cfg, gen, path = load_generator(args, device)
     torch.manual_seed(args.seed if args.seed is not None else 0)
-    data = load_data(cfg, args.data_dir, torch.device("cpu")) if cfg.data_source != "uniform" else None
-    evaluator = Evaluator(cfg, args.data_dir, data, write_stdout)
-    samples = generate_samples(gen, torch.randn(args.samples, cfg.noise_dim, device=device), cfg.batch_size)
-    write_stdout(f"{path}: {args.samples} samples: {format_scores(evaluator.score(samples))}")
+    data = load_data(cfg, data_dir, torch.device("cpu")).x if cfg.data_source != "uniform" else None
+    evaluator = Evaluator(cfg, data_dir, data, write_stdout)
+    labels = sample_labels(cfg, args.samples)
+    noise = torch.randn(args.samples, cfg.noise_dim, device=device)
+    samples = generate_samples(gen, noise, cfg.batch_size, labels=None if labels is None else labels.to(device))
+    write_stdout(f"{path}: {args.samples} samples: {format_scores(evaluator.score(samples, labels))}")
     write_stdout(f"real data (floor): {format_scores(evaluator.floor(args.samples))}")
 
 
 def check_evaluable(data_source, data_dir):
-    """Refuse early what evaluating could not finish: cifar, or MNIST files it would need later."""
-    if data_source == "cifar":
-        raise UserError("no offline feature extractor for CIFAR-10 is available here "
-                        "(an Inception network would need downloaded weights); look at the sample grids")
+    """Refuse early what evaluating could not finish: cifar and folders (no feature extractor),
+    or MNIST files it would need later."""
+    if data_source in ("cifar", "folder"):
+        raise UserError(f"no offline feature extractor for {'CIFAR-10' if data_source == 'cifar' else 'your images'} "
+                        "is available here (an Inception network would need downloaded weights); look at the "
+                        "sample grids")
     if data_source == "mnist":
         needed = ["train-images-idx3-ubyte", "t10k-images-idx3-ubyte"]
         if not (Path(data_dir) / "mnist_classifier.pt").exists():  # the classifier is trained first
@@ -1851,12 +2157,16 @@ class Evaluator:
             digits.append(self.classifier.head(f).argmax(1))
         return torch.cat(feats), torch.cat(digits)
 
-    def score(self, samples):
+    def score(self, samples, labels=None):
+        """The scores of samples; with the labels they were asked for (a conditional mnist G),
+        label_accuracy too: the share the digit classifier reads as that label."""
         if self.cfg.data_source == "uniform":
             reference = torch.rand(len(samples), 2, generator=torch.Generator().manual_seed(1))
             return uniform_scores(samples.cpu(), reference)
         feats, digits = self.features(samples)
         scores = {"fid": frechet_distance(feats, self.test_features)}
+        if labels is not None:
+            scores["label_accuracy"] = digits.eq(labels.cpu()).double().mean().item()
         scores.update(class_histogram_scores(digits))
         scores["memorised"] = memorisation_share(to_unit_range(samples.cpu()), to_unit_range(self.train[:10000]),
                                                  self.typical_nn)
@@ -1867,7 +2177,10 @@ class Evaluator:
         leaves the training's random stream untouched."""
         rng = torch.Generator().manual_seed(run.seed + run.pass_id)
         noise = torch.randn(n, run.cfg.noise_dim, generator=rng).to(run.device)
-        return self.score(generate_samples(run.gen, noise, run.cfg.batch_size, rng))
+        labels = sample_labels(run.cfg, n)
+        samples = generate_samples(run.gen, noise, run.cfg.batch_size, rng,
+                                   None if labels is None else labels.to(run.device))
+        return self.score(samples, labels)
 
     def floor(self, n):
         """The same scores for real data (the best a generator could hope for)."""
@@ -1962,20 +2275,22 @@ def train_digit_classifier(data_dir, path, log=print, epochs=4, seed=0):
     with torch.no_grad():
         acc = torch.cat([net(c).argmax(1) for c in tx.split(1000)]).eq(ty).double().mean().item()
     log(f"evaluation classifier test accuracy {acc:.4f}")
+    buffer = io.BytesIO()
+    torch.save({"state_dict": net.state_dict(), "test_accuracy": acc}, buffer)
     with atomic_path(path) as tmp:
-        torch.save({"state_dict": net.state_dict(), "test_accuracy": acc}, tmp)
+        tmp.write_bytes(buffer.getbuffer())
     return net
 
 
 def load_digit_classifier(data_dir, log=print):
     path = Path(data_dir) / "mnist_classifier.pt"
     if path.exists():
-        try:
+        try:  # tensors and plain values only, as every file this trainer loads
             net = DigitClassifier()
-            net.load_state_dict(torch.load(path, map_location="cpu")["state_dict"])
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
             return net.eval()
         except Exception:
-            log(f"{path} is damaged: training the classifier again")
+            log(f"{path} is damaged or not this trainer's: training the classifier again")
     return train_digit_classifier(data_dir, path, log)
 
 
@@ -2038,7 +2353,15 @@ def build_parser():
     g.add_argument("--lr", type=positive_float, help="Adam learning rate (1e-4 uniform, 2e-4 images)")
     g.add_argument("--seed", type=functools.partial(int_in_range, low=0, high=2 ** 32 - 1),
                    help="random seed, 0 to 2^32-1 (default: a fresh one, printed)")
-    g.add_argument("--data_dir", default="data", help="folder holding mnist_data/ and cifar-10-batches-py/")
+    g.add_argument("--data_dir", metavar="PATH",
+                   help="folder holding mnist_data/ and cifar-10-batches-py/ (default: data); for -d folder, "
+                        "the folder of images (required)")
+    g.add_argument("--image_size", type=functools.partial(int_in_range, low=1), metavar="S",
+                   help="-d folder: images are resized and centre-cropped to S x S (default 64)")
+    g.add_argument("--channels", type=int, choices=[1, 3], help="-d folder: 1 (grey) or 3 (RGB; the default)")
+    g.add_argument("--conditional", type=int, choices=[0, 1],
+                   help="1: G and D see the class of each image (mnist, cifar, or a folder with one subfolder "
+                        "per class); the pictures show one row per class (default 0)")
     g.add_argument("--out_dir", default=".", help="where <d>_samples/ and <d>_params/ go")
     g.add_argument("--resume", nargs="?", const="", metavar="PATH",
                    help="continue from PATH, or without PATH from the newest checkpoint in <d>_params")
@@ -2068,11 +2391,14 @@ def build_parser():
     a.add_argument("--samples", type=functools.partial(int_in_range, low=2), default=10000, metavar="N", help="samples for --evaluate / --eval_every")
     a.add_argument("--params", metavar="PATH", help="checkpoint to use (default: the newest in <d>_params)")
     a.add_argument("--output", metavar="FILE", help="output name for --generate (default: <d>_samples/generated)")
+    a.add_argument("--label", metavar="K", help="--generate with a conditional G: class K (an index or a name); "
+                                                 "without it the labels cycle over the classes")
     return p
 
 
 TRAINING_ONLY = ("passes", "iters", "batch_size", "lr", "resume", "keep", "quiet", "eval_every", "d_batch_norm",
-                 "hidden_dim", "g_sigmoid", "bf16", "threads", "channels_last", "cuda_graphs", "compile")
+                 "hidden_dim", "g_sigmoid", "bf16", "threads", "channels_last", "cuda_graphs", "compile",
+                 "image_size", "channels", "conditional")
 
 
 APPLYING_ONLY = ("params",)
@@ -2098,8 +2424,8 @@ def check_flags_apply(args, given):
         if not action and dest in APPLYING_ONLY:
             raise UserError(f"{flag(dest)} names the checkpoint for --generate / --evaluate; "
                             "training continues from one with --resume PATH")
-        if dest == "output" and action != "--generate":
-            raise UserError("--output applies to --generate only")
+        if dest in ("output", "label") and action != "--generate":
+            raise UserError(f"{flag(dest)} applies to --generate only")
         if dest == "data_dir" and action == "--generate":
             raise UserError("--data_dir does not apply to --generate: it needs the checkpoint only")
         if dest == "samples" and not (action == "--evaluate" or (not action and args.eval_every)):

@@ -86,15 +86,17 @@ def main():
     if code:
         sys.exit(code)
     cols = COLUMNS[args.data_source]
+    if any("label_accuracy" in m["eval"] for m, _ in eval_rows(args.out_dir, args.data_source)):
+        cols = ["label_accuracy", *cols]  # a conditional run
     print(f"\n# {args.data_source}: {args.samples} samples per evaluation; trainer flags: "
           f"{' '.join(args.trainer_args) or '(tutorial defaults)'}")
     print("| iterations | train s | " + " | ".join(cols) + " | d_loss | g_loss | D share |")
     print("|" + "---|" * (len(cols) + 5))
     cfg = gan_trainer.CONFIGS[args.data_source]
-    data = gan_trainer.load_data(cfg, args.data_dir, gan_trainer.torch.device("cpu"), args.seed)
+    data = gan_trainer.load_data(cfg, args.data_dir, gan_trainer.torch.device("cpu"), args.seed).x
     floor = gan_trainer.Evaluator(cfg, args.data_dir, data).floor(args.samples)
     print("| real data (floor) | | " + " | ".join(
-        f"{floor[c]:.4g}" if isinstance(floor[c], float) else str(floor[c]) for c in cols) + " | | | |")
+        f"{floor[c]:.4g}" if isinstance(floor.get(c), float) else str(floor.get(c, "")) for c in cols) + " | | | |")
     for m, last in eval_rows(args.out_dir, args.data_source):
         scores = m["eval"]
         cells = [f"{scores[c]:.4g}" if isinstance(scores[c], float) else str(scores[c]) for c in cols]

@@ -171,10 +171,11 @@ class Runner:
         cfg, i = self.cfg, self.i
         z = torch.randn(cfg.batch_size, cfg.noise_dim, device=self.device)
         if self.impl != "ref":
-            step = self.step(next(self.batches), z, self.schedule)
+            x, y = next(self.batches)
+            step = self.step(x, z, self.schedule, y=y)
             batches = step.batches
         else:
-            x = reference_batch(self.data, cfg.batch_size)
+            x = reference_batch(self.data.x, cfg.batch_size)
             step = T.tutorial_step(self.gen, self.dis, self.opt_g, self.opt_d, x, z, self.schedule)
             batches = []  # the plain port logs no trainer summaries: it is the yardstick of the step alone
         if i % T.LOG_PERIOD == 0:
@@ -209,7 +210,7 @@ def bench(source, args, device):
     else:
         g = torch.Generator().manual_seed(0)
         n = 60000 if source == "mnist" else 50000
-        data = torch.randint(0, 256, (n, *cfg.sample_shape), generator=g, dtype=torch.uint8).to(device)
+        data = T.TrainingSet(torch.randint(0, 256, (n, *cfg.sample_shape), generator=g, dtype=torch.uint8).to(device))
     names = (args.variants or (GPU_VARIANTS if device.type == "cuda" else DEFAULT_VARIANTS)[source]).split(",")
     runners = []
     for name in names:

@@ -127,3 +127,15 @@ def test_evaluator_scores_real_images_near_the_floor_and_one_class_as_collapsed(
     real = evaluator.score(data[:200])
     assert real["classes_covered"] == 2
     assert real["fid"] < collapsed["fid"]
+
+
+def test_label_accuracy_is_the_share_read_as_the_label_asked_for(tiny_mnist):
+    """--evaluate of a conditional mnist G: real test digits with their own labels score near 1,
+    with the labels swapped near 0."""
+    data = torch.from_numpy(gt.load_mnist(tiny_mnist).copy())
+    evaluator = gt.Evaluator(gt.CONFIGS["mnist"], tiny_mnist, data, log=lambda *a: None)
+    test = gt.to_unit_range(torch.from_numpy(gt.load_mnist(tiny_mnist, "test").copy()))
+    labels = torch.from_numpy(gt.load_mnist_labels(tiny_mnist, "test").astype(np.int64))
+    assert evaluator.score(test, labels)["label_accuracy"] > 0.95
+    assert evaluator.score(test, 1 - labels)["label_accuracy"] < 0.05
+    assert "label_accuracy" not in evaluator.score(test)

@@ -11,6 +11,8 @@ import time
 import pytest
 import torch
 
+import gan_trainer
+
 from conftest import (CLI_ENV, UNIFORM_ARGS, assert_one_line_error, cli_args, load_ckpt, popen_cli, read_metrics,
                       run_main)
 
@@ -37,8 +39,18 @@ def test_resume_from_another_folder_never_touches_a_run_in_this_one(tmp_path, ca
     before = fingerprint(tmp_path / "a" / "uniform_params")
     code, _, err = run_main([*TINY, "--passes", 3, "--out_dir", tmp_path / "a",
                              "--resume", tmp_path / "b" / "uniform_params" / "pass_1.pt"], capsys)
-    assert_one_line_error(code, err, "holds another run's files", "--out_dir")
+    assert_one_line_error(code, err, "holds another run's checkpoints", "--out_dir")
     assert fingerprint(tmp_path / "a" / "uniform_params") == before  # not replaced, pruned or truncated
+
+
+def test_a_failed_resume_into_another_folder_can_be_tried_again(tmp_path, capsys):
+    """A resume that failed after it had begun writing the new folder's metrics (here: a
+    configuration flag it refuses) does not lock that folder against the next try."""
+    train(capsys, tmp_path / "a")
+    (tmp_path / "c" / "uniform_params").mkdir(parents=True)
+    (tmp_path / "c" / "uniform_params" / "metrics.jsonl").write_text("")  # left by a try that failed
+    train(capsys, tmp_path / "c", "--resume", tmp_path / "a" / "uniform_params" / "pass_1.pt", passes=3)
+    assert load_ckpt(tmp_path / "c" / "uniform_params" / "pass_2.pt")["pass"] == 2
 
 
 def test_resume_from_another_folder_continues_into_an_empty_one(tmp_path, capsys):
@@ -186,6 +198,20 @@ def test_resuming_with_another_thread_count_says_it_is_not_bit_identical(tmp_pat
     # the same options as the run: no note
     stdout = train(capsys, out, "--resume", "--threads", 2, passes=3)
     assert "bit-identical" not in stdout
+
+
+def test_a_plain_resume_keeps_the_runs_speed_options(tmp_path, capsys):
+    """A uniform run made with --compile 0 (not the default) resumes with it: no note, and the
+    checkpoint still says so."""
+    out = tmp_path / "out"
+    train(capsys, out, passes=1)  # --compile 0 (conftest)
+    capsys.readouterr()
+    code = gan_trainer.main(["-d", "uniform", "--use_gpu", "0", "--quiet", "--resume", "--passes", "2",
+                             "--out_dir", str(out)])  # not run_main: conftest would add --compile 0
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    assert "bit-identical" not in stdout and "compile off" in stdout
+    assert load_ckpt(out / "uniform_params" / "pass_1.pt")["options"]["speed"]["compile"] is False
 
 
 def test_resuming_with_the_compiled_step_switched_says_so(tmp_path, capsys):

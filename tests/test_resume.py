@@ -168,9 +168,9 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, capsys, monkey
     real_batches, calls = gan_trainer.real_batches, []
 
     def poisoned(*args):
-        for x in real_batches(*args):
+        for x, y in real_batches(*args):
             calls.append(1)
-            yield x if len(calls) <= 7 else torch.full_like(x, float("nan"))  # pass 1, iteration 2 on
+            yield (x if len(calls) <= 7 else torch.full_like(x, float("nan"))), y  # pass 1, iteration 2 on
 
     monkeypatch.setattr(gan_trainer, "real_batches", poisoned)
     code, out, err = run_main(["-d", "uniform", "--passes", 3, "--iters", 5, "--batch_size", 16, "--seed", 0,

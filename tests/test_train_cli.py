@@ -136,8 +136,9 @@ def test_load_cifar_reads_channel_major_rows(tmp_path):
     for k in range(1, 6):
         r = np.zeros((2, 3072), np.uint8)
         r[:, :1024], r[:, 1024:2048], r[:, 2048:] = 10 * k, 100, 200  # R, G, B planes
-        (folder / f"data_batch_{k}").write_bytes(python2_pickle({b"data": r, b"labels": [0, 0]}))
-    images = gan_trainer.load_cifar(tmp_path)
+        (folder / f"data_batch_{k}").write_bytes(python2_pickle({b"data": r, b"labels": [k, 9]}))
+    images, labels = gan_trainer.load_cifar(tmp_path)
+    assert [list(batch) for batch in labels] == [[k, 9] for k in range(1, 6)]
     assert images.shape == (10, 3, 32, 32) and images.dtype == np.uint8
     assert (images[:, 1] == 100).all() and (images[:, 2] == 200).all()
     assert [int(images[2 * (k - 1), 0, 5, 5]) for k in range(1, 6)] == [10, 20, 30, 40, 50]
@@ -161,9 +162,11 @@ def test_read_idx_values_and_shape(tmp_path):
 
 
 def test_real_batches_scale_images_to_unit_range():
-    data = torch.tensor([[0], [255], [51]], dtype=torch.uint8).repeat(1, 4)
-    batch = next(gan_trainer.real_batches(data, 3, seed=0, pass_id=0))
-    assert sorted(batch[:, 0].tolist()) == pytest.approx([-1.0, -0.6, 1.0])  # x / 255 * 2 - 1
+    data = gan_trainer.TrainingSet(torch.tensor([[0], [255], [51]], dtype=torch.uint8).repeat(1, 4),
+                                   torch.tensor([0, 2, 1]))
+    x, y = next(gan_trainer.real_batches(data, 3, seed=0, pass_id=0))
+    assert sorted(x[:, 0].tolist()) == pytest.approx([-1.0, -0.6, 1.0])  # x / 255 * 2 - 1
+    assert [{-1.0: 0, 1.0: 2}.get(round(v, 1), 1) for v in x[:, 0].tolist()] == y.tolist()  # labels follow rows
 
 
 @pytest.mark.parametrize("n", [1000, 40])  # repeats drawn again; a permutation per row (batch > n / 8)
@@ -194,13 +197,13 @@ def test_block_indices_with_large_batches(n, batch):
 
 def test_real_batches_are_the_same_wherever_a_pass_resumes():
     """A pass resumed at iteration k (the same seed) sees the batches an unbroken pass saw from k on."""
-    data = torch.arange(500).float()[:, None]
-    whole = [b for b, _ in zip(gan_trainer.real_batches(data, 8, seed=3, pass_id=2), range(1003))]
+    data = gan_trainer.TrainingSet(torch.arange(500).float()[:, None])
+    whole = [b for (b, _), _ in zip(gan_trainer.real_batches(data, 8, seed=3, pass_id=2), range(1003))]
     for k in (1, 999, 1000, 1001):  # inside the first block, at and after the block boundary
-        resumed = [b for b, _ in zip(gan_trainer.real_batches(data, 8, seed=3, pass_id=2, start=k), range(2))]
+        resumed = [b for (b, _), _ in zip(gan_trainer.real_batches(data, 8, seed=3, pass_id=2, start=k), range(2))]
         assert all(torch.equal(a, b) for a, b in zip(resumed, whole[k:k + 2]))
-    other_pass = next(gan_trainer.real_batches(data, 8, seed=3, pass_id=3))
-    other_seed = next(gan_trainer.real_batches(data, 8, seed=4, pass_id=2))
+    other_pass = next(gan_trainer.real_batches(data, 8, seed=3, pass_id=3))[0]
+    other_seed = next(gan_trainer.real_batches(data, 8, seed=4, pass_id=2))[0]
     assert not torch.equal(other_pass, whole[0]) and not torch.equal(other_seed, whole[0])
 
 
