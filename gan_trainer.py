@@ -362,9 +362,10 @@ def block_indices(n, batch_size, generator, rows=BATCH_BLOCK):
         idx[row, where[row, col]] = torch.randint(n, (len(row),), generator=generator, device=device)
 
 
-def real_batches(data, batch_size, seed, pass_id, start=0, memory_format=torch.contiguous_format):
+def real_batches(data, batch_size, seed, pass_id, start=0, memory_format=torch.contiguous_format, rows=slice(None)):
     """The real batches (x, y) of a TrainingSet for pass `pass_id`, from iteration `start` on:
-    x as [-1, 1] floats, y their classes (None for an unconditional run).
+    x as [-1, 1] floats, y their classes (None for an unconditional run). With several
+    processes, each takes its `rows` of every batch: together, the single process's batch.
 
     The rows come from a generator of their own, seeded by (seed, pass, block): a pass resumed
     at any iteration sees the same batches, and the noise stream is left to torch's generator.
@@ -373,7 +374,7 @@ def real_batches(data, batch_size, seed, pass_id, start=0, memory_format=torch.c
         key = np.random.SeedSequence([seed, pass_id, block]).generate_state(1, np.uint64)[0]
         generator = torch.Generator(device=data.x.device).manual_seed(int(key))
         idx = block_indices(len(data.x), batch_size, generator)
-        for row in idx[max(start - block * BATCH_BLOCK, 0):]:
+        for row in idx[max(start - block * BATCH_BLOCK, 0):, rows]:
             x = to_unit_range(data.x.index_select(0, row))  # index_select: faster than data.x[row] on a CPU
             x = x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
             yield x, None if data.y is None else data.y.index_select(0, row)
@@ -634,9 +635,10 @@ class Run:
     iteration counts, the trainer logs, the fixed noise of the pictures, the position, the
     training time). state_dict() is the checkpoint; load_state_dict() continues from one."""
 
-    def __init__(self, cfg, seed, speed, device=None):
+    def __init__(self, cfg, seed, speed, device=None, processes=None):
         self.cfg, self.seed, self.speed = cfg, seed, speed
         self.device = torch.device(device or speed.device)
+        self.processes = processes or Processes()
         # the tutorial's nets (gan_conf.py), laid out for speed (part 3: prepare_nets)
         self.gen, self.dis = prepare_nets(build_nets(cfg), speed, self.device)
         # Adam with beta1 0.5, the tutorial's; fused into one kernel per net (part 3: Adam)
@@ -725,66 +727,88 @@ def picture_noise(cfg, device):
 
 def train(args):
     """Train for the configured passes, each followed by its checkpoint, scores and pictures."""
-    log = Printer(args.quiet)
-    device = choose_device(args.use_gpu, args.gpu_id, log)
-    files = RunFiles(args.out_dir, args.data_source, args.keep)
-    with files.locked():
-        cfg, seed, ckpt = configure_run(args, files.params)
-        if ckpt is not None and resume_position(ckpt)[0] >= cfg.passes:
-            log(f"nothing to do: the run already has {plural(cfg.passes, 'pass')} (raise --passes to go on)")
-            return
-        data_dir = args.data_dir or cfg.folder or "data"
-        if args.eval_every:
-            check_evaluable(cfg.data_source, data_dir)
-        data = load_data(cfg, data_dir, device, seed, args.conditional or cfg.conditional, log, args.quiet)
-        run = start_run(args, fit_to_data(cfg, data, ckpt, log), seed, ckpt, device, files, log)
-        train_one = make_step(run, log)  # train_step, or a form of it that computes the same faster (part 3)
-        evaluator = Evaluator(cfg, data_dir, data.x, log) if args.eval_every else None
-        memory_format = torch.channels_last if run.speed.channels_last else torch.contiguous_format
-        cfg = run.cfg
-        log(f"training {cfg.data_source} on {device}: {plural(cfg.passes, 'pass')} of {cfg.iters_per_pass} iterations, "
-            f"batch {cfg.batch_size}, lr {cfg.lr:g}, seed {run.seed}", f"speed: {run.speed.describe()}",
-            *filter(None, [bf16_hint(run)]))
-        run.started = time.time()
-        with StopRequest() as stop, files.metrics:
-            for pass_id in range(run.pass_id, cfg.passes):
-                run.start_pass(pass_id)
-                log.start_pass(pass_id, cfg.iters_per_pass, run.iteration)
-                started, first = time.time(), run.iteration
-                batches = real_batches(data, cfg.batch_size, run.seed, pass_id, run.iteration, memory_format)
-                for i in range(run.iteration, cfg.iters_per_pass):
-                    if stop.signal is not None:
-                        stop_with_checkpoint(run, files, log, stop.signal, f"at pass {pass_id} iteration {i}")
-                    x, y = next(batches)
-                    z = torch.randn(cfg.batch_size, cfg.noise_dim, device=device)
-                    step = train_one(x, z, run.schedule, y=y)
-                    if not step.finite:
-                        log.end_pass()
-                        last_good = files.last_good_checkpoint()
-                        files.draw_plots(pass_id, cfg, force=True)
-                        raise UserError(f"non-finite loss at pass {pass_id} iteration {i} (d_loss={step.d_loss:g}, "
-                                        f"g_loss={step.g_loss:g}); stopping: {last_good}")
-                    log(*run.record(step))
-                    run.iteration = i + 1
-                    if i % LOG_PERIOD == 0:
-                        log(*loss_lines(step))
-                        files.metrics.add(metrics_line(step, run, i))
-                        log.update(1, d_loss=f"{step.d_loss:.3f}", g_loss=f"{step.g_loss:.3f}")
-                    else:
-                        log.update(1)
-                log.end_pass()
-                finish_pass(run, files, evaluator, args, log, time.time() - started, first, stopping=stop.signal)
-                run.iteration = 0
-                if stop.signal is not None and pass_id + 1 < cfg.passes:
-                    stop_with_checkpoint(run, files, log, stop.signal, f"after pass {pass_id}", written=True)
+    procs = join_processes(args.use_gpu)  # one process, or one of torchrun's
+    try:
+        log = Printer(args.quiet, silent=not procs.main)
+        device = choose_device(args.use_gpu, procs.local_rank if procs.launched else args.gpu_id, log)
+        files = RunFiles(args.out_dir, args.data_source, args.keep, write=procs.main)
+        with files.locked():
+            run, data, evaluator = set_up(args, files, device, procs, log)
+            if run is not None:
+                run_passes(run, data, evaluator, files, args, log)
+    finally:
+        leave_processes(procs)
 
 
-def start_run(args, cfg, seed, ckpt, device, files, log):
+def set_up(args, files, device, procs, log):
+    """The run (new, or the one --resume continues), its data and its evaluator; no run when
+    the run has all its passes already."""
+    cfg, seed, ckpt = configure_run(args, files.params, procs, device)
+    if ckpt is not None and resume_position(ckpt)[0] >= cfg.passes:
+        log(f"nothing to do: the run already has {plural(cfg.passes, 'pass')} (raise --passes to go on)")
+        return None, None, None
+    if cfg.batch_size % procs.world:
+        raise UserError(f"--batch_size {cfg.batch_size} is the global batch: it must divide evenly over the "
+                        f"{procs.world} processes")
+    data_dir = args.data_dir or cfg.folder or "data"
+    if args.eval_every:
+        check_evaluable(cfg.data_source, data_dir)
+    data = load_data(cfg, data_dir, device, seed, args.conditional or cfg.conditional, log, args.quiet or not procs.main)
+    run = start_run(args, fit_to_data(cfg, data, ckpt, log), seed, ckpt, device, procs, files, log)
+    evaluator = Evaluator(cfg, data_dir, data.x, log) if args.eval_every and procs.main else None
+    return run, data, evaluator
+
+
+def run_passes(run, data, evaluator, files, args, log):
+    """The loop: each pass's iterations (draw the batch and the noise, train one net, log), then
+    the end of the pass."""
+    cfg, device, procs = run.cfg, run.device, run.processes
+    train_one = make_step(run, log)  # train_step, or a form of it that computes the same faster (part 3)
+    memory_format = torch.channels_last if run.speed.channels_last else torch.contiguous_format
+    rows = procs.rows(cfg.batch_size)  # this process's share of each batch (all of it, alone)
+    log(f"training {cfg.data_source} on {device}: {plural(cfg.passes, 'pass')} of {cfg.iters_per_pass} iterations, "
+        f"batch {cfg.batch_size}, lr {cfg.lr:g}, seed {run.seed}", f"speed: {run.speed.describe()}",
+        *filter(None, [bf16_hint(run)]))
+    run.started = time.time()
+    with StopRequest() as stop, files.metrics:
+        for pass_id in range(run.pass_id, cfg.passes):
+            run.start_pass(pass_id)
+            log.start_pass(pass_id, cfg.iters_per_pass, run.iteration)
+            started, first = time.time(), run.iteration
+            batches = real_batches(data, cfg.batch_size, run.seed, pass_id, run.iteration, memory_format, rows)
+            for i in range(run.iteration, cfg.iters_per_pass):
+                if procs.any(stop.signal is not None, device):
+                    stop_with_checkpoint(run, files, log, stop.signal, f"at pass {pass_id} iteration {i}")
+                x, y = next(batches)
+                z = torch.randn(cfg.batch_size, cfg.noise_dim, device=device)[rows]
+                step = train_one(x, z, run.schedule, y=y)
+                if not step.finite:
+                    log.end_pass()
+                    last_good = files.last_good_checkpoint()
+                    files.draw_plots(pass_id, cfg, force=True)
+                    raise UserError(f"non-finite loss at pass {pass_id} iteration {i} (d_loss={step.d_loss:g}, "
+                                    f"g_loss={step.g_loss:g}); stopping: {last_good}")
+                log(*run.record(step))
+                run.iteration = i + 1
+                if i % LOG_PERIOD == 0:
+                    log(*loss_lines(step))
+                    files.metrics.add(metrics_line(step, run, i))
+                    log.update(1, d_loss=f"{step.d_loss:.3f}", g_loss=f"{step.g_loss:.3f}")
+                else:
+                    log.update(1)
+            log.end_pass()
+            finish_pass(run, files, evaluator, args, log, time.time() - started, first, stopping=stop.signal)
+            run.iteration = 0
+            if procs.any(stop.signal is not None, device) and pass_id + 1 < cfg.passes:
+                stop_with_checkpoint(run, files, log, stop.signal, f"after pass {pass_id}", written=True)
+
+
+def start_run(args, cfg, seed, ckpt, device, procs, files, log):
     """The run to train, with its speed options: a new one, or the one a checkpoint continues."""
     saved = Speed(**ckpt["options"]["speed"]) if ckpt else None
-    speed = Speed.decide(args, cfg, device, saved, log)
+    speed = Speed.decide(args, cfg, device, saved, log, procs.world)
     apply_to_process(speed)
-    run = Run(cfg, seed, speed, device)
+    run = Run(cfg, seed, speed, device, procs)
     if ckpt is None:
         files.open_metrics()
         return run
@@ -821,7 +845,9 @@ def stop_with_checkpoint(run, files, log, signum, where, written=False):
     path = files.checkpoint_path(run.pass_id) if written else files.save_checkpoint(run)
     if not written:
         files.draw_plots(run.pass_id, run.cfg, force=True)
-    write_stderr(f"{signal.Signals(signum).name}: stopped {where}; checkpoint {path}; continue with --resume")
+    name = signal.Signals(signum).name if signum else "a stop signal to another process"
+    if run.processes.main:
+        write_stderr(f"{name}: stopped {where}; checkpoint {path}; continue with --resume")
     raise SystemExit(130)
 
 
@@ -842,27 +868,36 @@ PLOT_PERIOD = 30     # seconds: losses.png and progress.gif are redrawn after a 
 class RunFiles:
     """The files of one training run."""
 
-    def __init__(self, out_dir, data_source, keep):
-        self.samples, self.params = output_dirs(out_dir, data_source)
+    def __init__(self, out_dir, data_source, keep, write=True):
+        """write=False: a process of several that is not rank 0, which writes nothing."""
+        self.write = write
+        if write:
+            self.samples, self.params = output_dirs(out_dir, data_source)
+        else:
+            self.samples, self.params = Path(out_dir) / f"{data_source}_samples", Path(out_dir) / f"{data_source}_params"
         self.keep, self.metrics, self.plotted = keep, None, time.time()
 
     @contextlib.contextmanager
     def locked(self):
         """The run's hold on its folders (lock_run_folder); what a killed run left half-written goes."""
+        if not self.write:
+            yield
+            return
         with lock_run_folder(self.params):
             for folder in (self.params, self.samples):
                 remove_stale_temporaries(folder)
             yield
 
     def open_metrics(self, kept=()):
-        self.metrics = MetricsLog(self.params / "metrics.jsonl", kept)
+        self.metrics = MetricsLog(self.params / "metrics.jsonl", kept, self.write)
 
     def checkpoint_path(self, pass_id):
         return checkpoint_path(self.params, pass_id)
 
     def save_checkpoint(self, run):
         path = self.checkpoint_path(run.pass_id)
-        save_checkpoint(path, run.state_dict(), self.keep)
+        if self.write:
+            save_checkpoint(path, run.state_dict(), self.keep)
         return path
 
     def last_good_checkpoint(self):
@@ -873,8 +908,10 @@ class RunFiles:
         """train_pass<N>.png of G's output for the fixed noise (conditional: one row per class,
         up to 10); for points, their mean and std too."""
         cfg = run.cfg
-        samples = generate_samples(run.gen, run.fixed_noise, cfg.batch_size, labels=run.fixed_labels)
         picture = self.samples / f"train_pass{run.pass_id}.png"
+        if not self.write:
+            return picture, ""
+        samples = generate_samples(run.gen, run.fixed_noise, cfg.batch_size, labels=run.fixed_labels)
         stats = ""
         if not cfg.is_image:
             mean, std = samples.mean(0).tolist(), samples.std(0).tolist()
@@ -888,7 +925,7 @@ class RunFiles:
     def draw_plots(self, passes_done, cfg, force=False):
         """losses.png and progress.gif; redrawn at most every PLOT_PERIOD seconds (late in a run
         they take long enough to slow fast passes down), unless forced (the end of a run)."""
-        if not force and time.time() - self.plotted < PLOT_PERIOD:
+        if not self.write or (not force and time.time() - self.plotted < PLOT_PERIOD):
             return
         plot_losses(self.metrics.lines, self.samples / "losses.png")
         write_progress_gif(self.samples, passes_done, self.samples / "progress.gif",
@@ -1240,11 +1277,11 @@ def config_from_checkpoint(ckpt):
 
 # ====================================================================== configuration of a run
 
-def configure_run(args, params_dir):
+def configure_run(args, params_dir, procs=None, device="cpu"):
     """(configuration, seed, checkpoint) of the run to train: a new one (its random generators
-    seeded), or the one --resume continues (its checkpoint, checked)."""
+    seeded, alike in every process), or the one --resume continues (its checkpoint, checked)."""
     if args.resume is None:
-        return *fresh_config(args, params_dir), None
+        return *fresh_config(args, params_dir, procs or Processes(), device), None
     ckpt = load_resume_checkpoint(args, params_dir)
     cfg = config_from_checkpoint(ckpt)
     if args.passes is not None:  # --passes sets the run's new total
@@ -1311,13 +1348,14 @@ def nearest_image_size(size):
     return min((s for s in range(1, 2 * size + 16) if image_size_ok(s)), key=lambda s: (abs(s - size), s))
 
 
-def fresh_config(args, params_dir):
+def fresh_config(args, params_dir, procs, device):
     """Configuration and seed of a new run; seeds every random generator."""
     if list_checkpoints(params_dir):
         raise UserError(f"{params_dir} already holds checkpoints of a run: continue it with --resume, "
                         "or give another --out_dir (or remove them) to start afresh")
     cfg = make_config(args)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    seed = procs.broadcast(seed, device)  # one seed for all processes: rank 0's
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -1344,12 +1382,15 @@ class MetricsLog:
     after its checkpoint); `lines` is everything so far, for the plots.
     """
 
-    def __init__(self, path, kept=()):
-        self.path, self.lines, self.file = path, list(kept), None
-        with atomic_path(path) as tmp:
-            tmp.write_text("".join(json.dumps(m) + "\n" for m in self.lines))
+    def __init__(self, path, kept=(), write=True):
+        self.path, self.lines, self.file, self.write = path, list(kept), None, write
+        if write:
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(json.dumps(m) + "\n" for m in self.lines))
 
     def __enter__(self):
+        if not self.write:
+            return self
         try:
             self.file = open(self.path, "a")
         except OSError as e:
@@ -1357,11 +1398,13 @@ class MetricsLog:
         return self
 
     def __exit__(self, *exc):
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, AttributeError):
             self.file.close()
 
     def add(self, m):
         self.lines.append(m)
+        if not self.write:
+            return
         try:
             self.file.write(json.dumps(m) + "\n")
             self.file.flush()
@@ -1402,8 +1445,10 @@ def metrics_until(path, ckpt, log):
 def generate_samples(gen, noise, batch_size, generator=None, labels=None):
     """G's output for `noise` (and, conditional, `labels`), in batches of batch_size: batch norm
     sees the batch statistics G was trained with (the last batch is topped up with extra noise,
-    and labels taken from the start)."""
-    out = []
+    and labels taken from the start). In eval mode, which changes nothing for these nets (no
+    running statistics) but keeps a batch norm over several processes to this one."""
+    out, training = [], gen.training
+    gen.eval()
     for start in range(0, len(noise), batch_size):
         z = noise[start:start + batch_size]
         y = None if labels is None else labels[start:start + batch_size]
@@ -1412,6 +1457,7 @@ def generate_samples(gen, noise, batch_size, generator=None, labels=None):
             z = torch.cat([z, torch.randn(batch_size - n, z.shape[1], generator=generator).to(z.device)])
             y = None if y is None else torch.cat([y, labels[torch.arange(batch_size - n) % len(labels)]])
         out.append(gen(z, y)[:n])
+    gen.train(training)
     return torch.cat(out).float()
 
 
@@ -1517,11 +1563,14 @@ def write_stderr(line):
 class Printer:
     """Log lines on stdout; a tqdm progress bar per pass on a terminal, unless --quiet."""
 
-    def __init__(self, quiet):
-        self.show_bar = sys.stdout.isatty() and not quiet
-        self.bar = None
+    def __init__(self, quiet, silent=False):
+        """silent: a process of several that is not rank 0, which prints nothing."""
+        self.show_bar = sys.stdout.isatty() and not quiet and not silent
+        self.bar, self.silent = None, silent
 
     def __call__(self, *lines):
+        if self.silent:
+            return
         for line in lines:
             if self.bar is not None:
                 self.bar.write(line)
@@ -1617,9 +1666,10 @@ class Speed:
     bf16: bool = False
     cuda_graphs: bool = False
     compile: bool = False
+    processes: int = 1        # torchrun's processes (one GPU each, on GPUs)
 
     @classmethod
-    def decide(cls, args, cfg, device, saved=None, log=print):
+    def decide(cls, args, cfg, device, saved=None, log=print, processes=1):
         """The speed options of a run: the flags given; else, resuming on the same kind of device,
         the run's own (so that a plain --resume continues bit for bit); else the defaults, the
         fastest measured (tests/BENCHMARKS.md). bf16 changes precision: a run keeps its own."""
@@ -1627,6 +1677,9 @@ class Speed:
             log("--cuda_graphs 1 needs a GPU: running eagerly")
         if args.compile and device.type != "cpu":
             log("--compile 1 is for the CPU: ignored on a GPU (where --cuda_graphs speeds the step up)")
+        if processes > 1 and (args.compile or args.cuda_graphs):
+            log("--compile and --cuda_graphs are off with several processes: each update is a DDP forward "
+                "and backward")
         same = saved is not None and torch.device(saved.device).type == device.type
 
         def option(flag, name, default):
@@ -1641,9 +1694,10 @@ class Speed:
                    channels_last=cfg.is_image and option(args.channels_last, "channels_last", device.type == "cpu"),
                    bf16=bool(args.bf16) if args.bf16 is not None else bool(saved and saved.bf16),
                    # a graph launches an iteration's couple of hundred small kernels at once
-                   cuda_graphs=device.type == "cuda" and option(args.cuda_graphs, "cuda_graphs", True),
+                   cuda_graphs=device.type == "cuda" and processes == 1 and option(args.cuda_graphs, "cuda_graphs", True),
                    # the tiny uniform nets are all per-call overhead; images, convolutions
-                   compile=device.type == "cpu" and option(args.compile, "compile", not cfg.is_image))
+                   compile=device.type == "cpu" and processes == 1 and option(args.compile, "compile", not cfg.is_image),
+                   processes=processes)
 
     @classmethod
     def from_dict(cls, d, need):
@@ -1655,7 +1709,8 @@ class Speed:
     def describe(self):
         flags = [f"{name.replace('_', '-')} {'on' if value else 'off'}"
                  for name, value in dataclasses.asdict(self).items() if type(value) is bool]
-        return f"{self.device}, {self.threads} thread{'s' * (self.threads > 1)}, " + ", ".join(flags)
+        where = f"{self.processes} processes x " if self.processes > 1 else ""
+        return f"{where}{self.device}, {self.threads} thread{'s' * (self.threads > 1)}, " + ", ".join(flags)
 
     def differences(self, other):
         return [f"{k} {v} (the run: {getattr(other, k)})" for k, v in dataclasses.asdict(self).items()
@@ -1687,7 +1742,10 @@ def apply_to_process(speed):
 
 
 def prepare_nets(nets, speed, device):
-    """G and D on the device, laid out as the speed options say (the same state dicts)."""
+    """G and D on the device, laid out as the speed options say (the same state dicts); with
+    several processes, their batch norms see the global batch."""
+    if speed.processes > 1:
+        nets = [global_batch_norm(net, torch.device(device)) for net in nets]
     gen, dis = (net.to(device) for net in nets)
     if speed.channels_last:
         gen, dis = gen.to(memory_format=torch.channels_last), dis.to(memory_format=torch.channels_last)
@@ -1707,11 +1765,206 @@ def make_step(run, log=print):
     """The iteration as a function (x, z, schedule, y) -> Step: train_step, its replay from CUDA
     graphs (GPU), or its compiled form (CPU)."""
     nets = (run.gen, run.dis, run.opt_g, run.opt_d, run.autocast)
+    if run.speed.processes > 1:
+        return DistributedStep(run, run.processes)
     if run.speed.cuda_graphs:
         return GraphedStep(*nets)
     if run.speed.compile:
         return CompiledStep(*nets, log=log)
     return functools.partial(train_step, *nets[:4], autocast=run.autocast)
+
+
+# ====================================================================== several processes (torchrun)
+#
+# torchrun starts one process per GPU (or several on a CPU); together they train one run with
+# the single process's mathematics: each takes its slice of the global batch's rows and noise,
+# batch norm sees the whole global batch, the losses behind the choice are averaged over the
+# ranks, and DistributedDataParallel averages each update's gradients. Rank 0 alone writes.
+
+@dataclasses.dataclass(frozen=True)
+class Processes:
+    """This process's place among the processes torchrun started: rank `rank` of `world`.
+    Outside torchrun, the one process: rank 0 of 1, and every exchange a no-op."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    launched: bool = False  # a process group exists
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def rows(self, n):
+        """This rank's rows of a global batch of n."""
+        return slice(self.rank * n // self.world, (self.rank + 1) * n // self.world)
+
+    def average(self, t):
+        if not self.launched:
+            return t
+        import torch.distributed as dist
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        return t / self.world
+
+    def gather(self, t):
+        """The ranks' tensors, one after another in rank order: the global batch's."""
+        if not self.launched:
+            return t
+        import torch.distributed as dist
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.detach().contiguous())
+        return torch.cat(parts)
+
+    def any(self, flag, device):
+        """Whether any rank says so: every rank then acts alike (a stop signal, say)."""
+        if not self.launched:
+            return flag
+        import torch.distributed as dist
+        t = torch.tensor([int(flag)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def broadcast(self, value, device):
+        """Rank 0's integer, on every rank."""
+        if not self.launched:
+            return value
+        import torch.distributed as dist
+        t = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.broadcast(t, 0)
+        return int(t.item())
+
+
+def join_processes(use_gpu):
+    """This run's Processes: under torchrun (RANK and WORLD_SIZE set), this process joins the
+    group, nccl on GPUs (one per local rank), gloo on the CPU; else the one process."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return Processes()
+    import datetime
+    import torch.distributed as dist
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    gpu = use_gpu == "1" and torch.cuda.is_available()
+    if gpu:
+        torch.cuda.set_device(local_rank)
+    try:
+        dist.init_process_group("nccl" if gpu else "gloo", timeout=datetime.timedelta(minutes=30))
+    except Exception as e:
+        raise UserError(f"rank {rank}: cannot join torchrun's process group ({in_one_line(e)})")
+    return Processes(rank, world, local_rank, True)
+
+
+def leave_processes(procs):
+    if procs.launched:
+        import torch.distributed as dist
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+class AllReduceSum(torch.autograd.Function):
+    """The sum of a tensor over the ranks; its gradient is the sum of the ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, t):
+        import torch.distributed as dist
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm:
+    """Batch norm over the global batch, on the CPU, where nn.SyncBatchNorm does not run: the
+    ranks' sums are added up (the mean first, then the squares about it, as the single process
+    computes the variance), so every rank normalises with the single process's statistics.
+    Mixed into the BatchNorm class it replaces: the same parameters and state dict. Only in
+    training mode; in eval mode (pictures, scores, on rank 0 alone) it is the plain batch norm,
+    which our nets' batch norms are in either mode (they keep no running statistics)."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        import torch.distributed as dist
+        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+        n = x.numel() // x.shape[1] * dist.get_world_size()
+        x = x.float()
+        mean = AllReduceSum.apply(x.sum(dims)) / n
+        centred = x - mean.view(shape)
+        var = AllReduceSum.apply((centred * centred).sum(dims)) / n
+        return centred / torch.sqrt(var.view(shape) + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+
+
+class GlobalBatchNorm1d(GlobalBatchNorm, nn.BatchNorm1d):
+    pass
+
+
+class GlobalBatchNorm2d(GlobalBatchNorm, nn.BatchNorm2d):
+    pass
+
+
+def global_batch_norm(net, device):
+    """The net with batch norms over the global batch: nn.SyncBatchNorm on GPUs, GlobalBatchNorm
+    on the CPU (the same parameters)."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    for m in net.modules():
+        if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d):
+            m.__class__ = GlobalBatchNorm1d if type(m) is nn.BatchNorm1d else GlobalBatchNorm2d
+    return net
+
+
+class DistributedStep:
+    """train_step on several processes: this rank's slice of the batch, G and D each wrapped in
+    DistributedDataParallel, so that every update (D on the generated batch, D on the real one,
+    G through D) averages the ranks' gradients: the gradient of the global batch's mean cost.
+    The losses behind the choice are the ranks' average, so every rank trains the same net. It
+    is written the tutorial's way, a forward per update, as DDP needs a forward through the
+    wrapped net before each backward; the Step it returns holds the global batch's logits."""
+
+    def __init__(self, run, procs):
+        from torch.nn.parallel import DistributedDataParallel
+        ids = {"device_ids": [run.device.index]} if run.device.type == "cuda" else {}
+        self.gen, self.dis, self.opt_g, self.opt_d, self.autocast = run.gen, run.dis, run.opt_g, run.opt_d, run.autocast
+        self.gen_ddp = DistributedDataParallel(run.gen, **ids)
+        self.dis_ddp = DistributedDataParallel(run.dis, **ids)
+        self.procs = procs
+
+    def __call__(self, x, z, schedule, y=None):
+        procs, autocast = self.procs, self.autocast
+        with torch.no_grad(), autocast():  # (0) the losses, this rank's share
+            real_logits, fake_logits = self.dis(x, y), self.dis(self.gen(z, y), y)
+            local = torch.stack([cost(real_logits, REAL), cost(fake_logits, FAKE), cost(fake_logits, REAL)])
+        losses = procs.average(local)
+        step = choose_step(Losses(*losses, procs.gather(real_logits), procs.gather(fake_logits)), schedule)
+        if step.trained == "dis":
+            with torch.no_grad(), autocast():
+                fake = self.gen(z, y)
+            step.batches = [self.update(self.dis_ddp, fake, y, FAKE, self.opt_d),
+                            self.update(self.dis_ddp, x, y, REAL, self.opt_d)]
+        elif step.trained == "gen":
+            with autocast():
+                logits = self.dis(self.gen_ddp(z, y), y)
+            g_cost = cost(logits, REAL)
+            self.opt_g.zero_grad()
+            g_cost.backward(inputs=list(self.gen.parameters()))  # G's gradients only; DDP averages them
+            self.opt_g.step()
+            step.batches = [(procs.average(g_cost), procs.gather(logits), REAL)]
+        return step
+
+    def update(self, ddp, images, y, label, opt):
+        """One Adam step of D on a batch with one label; the batch's (cost, logits) for the log."""
+        with self.autocast():
+            logits = ddp(images, y)
+        batch_cost = cost(logits, label)
+        opt.zero_grad()
+        batch_cost.backward()
+        opt.step()
+        return self.procs.average(batch_cost), self.procs.gather(logits), label
 
 
 # ====================================================================== threads and memory
@@ -2440,11 +2693,20 @@ def out_of_memory(e):
     return f"{int(found.group(1)) / 2 ** 30:.1f} GiB could not be allocated" if found else None
 
 
+def torchrun_rank():
+    """ " (rank r of n)" in a process that torchrun started with others, else ""."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
+
+
 def main(argv=None):
     try:
         with signals_interrupt():
             args = build_parser().parse_args(argv)
             check_flags_apply(args, given_flags(sys.argv[1:] if argv is None else argv))
+            if (args.generate is not None or args.evaluate) and torchrun_rank():
+                raise UserError(f"{'--generate' if args.generate is not None else '--evaluate'} runs in one "
+                                "process: start it with python, not torchrun")
             if args.generate is not None:
                 generate(args)
             elif args.evaluate:
@@ -2452,10 +2714,11 @@ def main(argv=None):
             else:
                 train(args)
     except UserError as e:
-        write_stderr(f"gan_trainer.py: error: {e}")
+        write_stderr(f"gan_trainer.py: error{torchrun_rank()}: {e}")
         return 1
     except KeyboardInterrupt as e:
-        write_stderr(f"gan_trainer.py: interrupted{f' ({e})' if str(e) else ''}")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for all the processes
+            write_stderr(f"gan_trainer.py: interrupted{f' ({e})' if str(e) else ''}")
         return 130
     except (RuntimeError, MemoryError) as e:
         if not out_of_memory(e):

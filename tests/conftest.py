@@ -59,6 +59,15 @@ def popen_cli(*args):
                             stderr=subprocess.PIPE, text=True)
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def popen_torchrun(*args):
+    """gan_trainer.py on two processes, started as torchrun starts them (gloo on the CPU)."""
+    return subprocess.Popen([*TORCHRUN, str(TRAINER), *map(str, args)], cwd=REPO, env=CLI_ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def stderr_lines(text):
     return [line for line in text.splitlines() if line.strip()]
 
@@ -172,8 +181,8 @@ class CliPool:
     def out(self, name):
         return self.root / "out" / name
 
-    def start(self, name, *args):
-        self.procs[name] = popen_cli(*args)
+    def start(self, name, *args, torchrun=False):
+        self.procs[name] = popen_torchrun(*args) if torchrun else popen_cli(*args)
 
     def result(self, name, timeout=300):
         if name not in self.results:
@@ -190,6 +199,10 @@ class CliPool:
         pool.start("mnist", *MNIST_ARGS, "--passes", 2, "--data_dir", pool.mnist_data, "--out_dir", pool.out("mnist"))
         pool.start("missing_mnist", "-d", "mnist", "--use_gpu", 0, "--data_dir", pool.empty,
                    "--out_dir", pool.out("missing_mnist"))
+        # the same runs on two processes, as torchrun starts them (tests/test_distributed.py)
+        pool.start("uniform_ddp", *UNIFORM_ARGS, "--passes", 2, "--out_dir", pool.out("uniform_ddp"), torchrun=True)
+        pool.start("mnist_ddp", *MNIST_ARGS, "--passes", 2, "--data_dir", pool.mnist_data,
+                   "--out_dir", pool.out("mnist_ddp"), torchrun=True)
         return pool
 
     def close(self):
