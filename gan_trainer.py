@@ -736,6 +736,7 @@ def train(args):
             run, data, evaluator = set_up(args, files, device, procs, log)
             if run is not None:
                 run_passes(run, data, evaluator, files, args, log)
+        leave_processes(procs, done=True)
     finally:
         leave_processes(procs)
 
@@ -747,9 +748,7 @@ def set_up(args, files, device, procs, log):
     if ckpt is not None and resume_position(ckpt)[0] >= cfg.passes:
         log(f"nothing to do: the run already has {plural(cfg.passes, 'pass')} (raise --passes to go on)")
         return None, None, None
-    if cfg.batch_size % procs.world:
-        raise UserError(f"--batch_size {cfg.batch_size} is the global batch: it must divide evenly over the "
-                        f"{procs.world} processes")
+    procs.rows(cfg.batch_size)  # refuses a batch that does not divide over the processes
     data_dir = args.data_dir or cfg.folder or "data"
     if args.eval_every:
         check_evaluable(cfg.data_source, data_dir)
@@ -1795,7 +1794,10 @@ class Processes:
         return self.rank == 0
 
     def rows(self, n):
-        """This rank's rows of a global batch of n."""
+        """This rank's rows of a global batch of n, which must divide evenly over the ranks."""
+        if n % self.world:
+            raise UserError(f"--batch_size {n} is the global batch: it must divide evenly over the "
+                            f"{self.world} processes")
         return slice(self.rank * n // self.world, (self.rank + 1) * n // self.world)
 
     def average(self, t):
@@ -1853,10 +1855,14 @@ def join_processes(use_gpu):
     return Processes(rank, world, local_rank, True)
 
 
-def leave_processes(procs):
-    if procs.launched:
-        import torch.distributed as dist
+def leave_processes(procs, done=False):
+    """Leave the process group: after a run, once every rank is done (one that is still
+    writing rank 0's files is not cut off); after an error, at once."""
+    import torch.distributed as dist
+    if procs.launched and dist.is_initialized():
         with contextlib.suppress(Exception):
+            if done:
+                dist.barrier()
             dist.destroy_process_group()
 
 

@@ -13,12 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import CLI_ENV, REPO, TORCHRUN, TRAINER, assert_one_line_error, read_metrics, run_main
-
-
-def torchrun(*args, timeout=300):
-    return subprocess.run([*TORCHRUN, str(TRAINER), *map(str, args)], cwd=REPO, env=CLI_ENV, capture_output=True,
-                          text=True, timeout=timeout)
+from conftest import CLI_ENV, REPO, TRAINER, assert_one_line_error, read_metrics, run_main
 
 
 def our_stderr(text):
@@ -83,12 +78,12 @@ def test_two_processes_train_the_single_process_mnist_run(mnist_run, cli):
     assert_same_run(mnist_run.out, out, "mnist", 2)
 
 
-def test_a_batch_that_does_not_divide_over_the_processes_is_refused(tmp_path):
-    proc = torchrun("-d", "uniform", "--batch_size", 15, "--passes", 1, "--iters", 2, "--use_gpu", 0,
-                    "--out_dir", tmp_path / "out")
-    assert proc.returncode != 0 and "Traceback (most recent call last)" not in our_stderr(proc.stderr)
-    lines = [line for line in our_stderr(proc.stderr) if line.startswith("gan_trainer.py")]
-    assert lines and all("--batch_size 15 is the global batch" in line and "rank" in line for line in lines)
+def test_each_process_takes_its_rows_and_a_batch_must_divide():
+    import gan_trainer
+    shares = [gan_trainer.Processes(rank, 4).rows(128) for rank in range(4)]
+    assert [(s.start, s.stop) for s in shares] == [(0, 32), (32, 64), (64, 96), (96, 128)]
+    with pytest.raises(gan_trainer.UserError, match="--batch_size 15 is the global batch: it must divide evenly"):
+        gan_trainer.Processes(0, 2).rows(15)
 
 
 def test_generate_refuses_to_run_under_torchrun(uniform_run, tmp_path, capsys, monkeypatch):
