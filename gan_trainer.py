@@ -405,7 +405,12 @@ def advance(schedule, net):
 
 def cost(logits, label):
     """Cross-entropy of D's 2-way softmax against one label for the whole batch."""
-    return F.cross_entropy(logits.float(), labels(len(logits), label, logits.device))
+    return F.cross_entropy(at_least_float32(logits), labels(len(logits), label, logits.device))
+
+
+def at_least_float32(t):
+    """bf16 (autocast's logits) made float32; float32 and float64 as they are."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 LABELS = {}  # (n, label, device) -> a batch of that label: made once (a plain dict, which torch.compile reads)
@@ -1628,19 +1633,23 @@ def signals_interrupt():
 
 class StopRequest:
     """In the training loop, a stop signal sets a flag that the loop checks between iterations
-    (it then writes a checkpoint); a second one aborts at once."""
+    (it then writes a checkpoint); a second one, a moment later, aborts at once. One that comes
+    with the first is the same request: Ctrl-C reaches torchrun's processes from the terminal
+    and again from torchrun, which relays it."""
+    SAME_REQUEST_S = 1.0
 
     def __init__(self):
-        self.signal = None
+        self.signal, self.when = None, None
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
         return self
 
     def handle(self, signum, frame):
-        if self.signal is not None:
+        if self.signal is None:
+            self.signal, self.when = signum, time.monotonic()
+        elif time.monotonic() - self.when > self.SAME_REQUEST_S:
             raise Interrupted(signal.Signals(signum).name)
-        self.signal = signum
 
     def __exit__(self, *exc):
         for s, h in self.previous.items():
@@ -1898,7 +1907,7 @@ class GlobalBatchNorm:
         import torch.distributed as dist
         dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
         n = x.numel() // x.shape[1] * dist.get_world_size()
-        x = x.float()
+        x = at_least_float32(x)  # the statistics in float32 at least, as torch's batch norm keeps them
         mean = AllReduceSum.apply(x.sum(dims)) / n
         centred = x - mean.view(shape)
         var = AllReduceSum.apply((centred * centred).sum(dims)) / n

@@ -62,10 +62,13 @@ def popen_cli(*args):
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-def popen_torchrun(*args):
-    """gan_trainer.py on two processes, started as torchrun starts them (gloo on the CPU)."""
+def popen_torchrun(*args, own_session=False):
+    """gan_trainer.py on two processes, started as torchrun starts them (gloo on the CPU);
+    own_session: torchrun and its processes in a process group of their own, as a terminal's
+    foreground job is (Ctrl-C reaches them all)."""
     return subprocess.Popen([*TORCHRUN, str(TRAINER), *map(str, args)], cwd=REPO, env=CLI_ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=own_session)
 
 
 def stderr_lines(text):

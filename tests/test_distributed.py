@@ -5,15 +5,25 @@ with the arguments of one of the shared single-process runs (conftest), and comp
 choices and counts exactly, the logged losses to float rounding, the final parameters to the
 drift that Adam makes of round-off (it turns a gradient that is zero but for round-off, such as
 a bias that feeds a batch norm, into a step of up to lr either way), and the files written.
+
+Round-off cannot be compared away in float32: a gradient that is zero but for round-off gets an
+Adam step of lr (float32 round-off is not small against Adam's eps), and the batch norm over
+a few samples amplifies round-off. In float64 it can: test_the_distributed_step_is_the_single_step_in_float64
+runs DistributedStep on two processes against train_step in one, to 1e-9.
 """
+import dataclasses
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.multiprocessing
 
-from conftest import CLI_ENV, REPO, TRAINER, assert_one_line_error, read_metrics, run_main
+from conftest import CLI_ENV, REPO, TRAINER, UNIFORM_ARGS, assert_one_line_error, popen_torchrun, read_metrics, run_main
 
 
 def our_stderr(text):
@@ -58,7 +68,6 @@ def test_two_processes_train_the_single_process_uniform_run(uniform_run, cli, tm
     assert "speed: 2 processes x cpu" in proc.stdout
     assert_same_run(uniform_run.out, out, "uniform", 2)
 
-
     # the checkpoint of the 2-process run resumes in one process, with a note (in a copy: the
     # shared run's folder is read-only for the tests)
     copy = tmp_path / "resumed"
@@ -91,3 +100,92 @@ def test_generate_refuses_to_run_under_torchrun(uniform_run, tmp_path, capsys, m
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, _, err = run_main(["-d", "uniform", "--use_gpu", 0, "--generate", 4, "--out_dir", uniform_run.out], capsys)
     assert_one_line_error(code, err, "--generate runs in one process")
+
+
+def test_ctrl_c_stops_every_process_with_one_checkpoint(tmp_path):
+    """Ctrl-C reaches torchrun and its processes together (one process group), and torchrun
+    relays it to them once more: one stop, one line, one checkpoint, written by rank 0."""
+    out = tmp_path / "out"
+    proc = popen_torchrun(*UNIFORM_ARGS, "--passes", 1, "--iters", 100000, "--out_dir", out, own_session=True)
+    try:
+        while not proc.stdout.readline().startswith("d_pos_loss"):  # training is under way
+            assert proc.poll() is None, proc.stderr.read()
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    ours = [line for line in our_stderr(stderr) if line.startswith(("SIGINT", "gan_trainer.py"))]
+    assert len(ours) == 1 and "continue with --resume" in ours[0], stderr
+    stopped_at = int(re.search(r"SIGINT: stopped at pass 0 iteration (\d+)", ours[0]).group(1))
+    assert torch.load(out / "uniform_params" / "pass_0.pt")["iteration"] == stopped_at > 0
+    assert sorted(p.name for p in (out / "uniform_params").iterdir()) == [".lock", "metrics.jsonl", "pass_0.pt"]
+
+
+def test_a_second_signal_aborts_but_one_relayed_with_the_first_does_not():
+    import gan_trainer
+    stop = gan_trainer.StopRequest()
+    stop.handle(signal.SIGINT, None)
+    stop.handle(signal.SIGINT, None)  # torchrun relaying the same Ctrl-C
+    assert stop.signal == signal.SIGINT
+    stop.when -= 2 * stop.SAME_REQUEST_S
+    with pytest.raises(gan_trainer.Interrupted):
+        stop.handle(signal.SIGTERM, None)
+
+
+def float64_ranks(rank, world, store, iters, results):
+    """One of `world` processes (torch.multiprocessing.spawn): for uniform and mnist, `iters`
+    DistributedSteps of the nets in float64 on this rank's rows of each global batch; rank 0
+    also runs the single process's train_step on the whole batches, and saves both."""
+    import gan_trainer as gt
+    from gan_conf import CONFIGS
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    procs = gt.Processes(rank, world, 0, True)
+    for source in ("uniform", "mnist"):
+        cfg = dataclasses.replace(CONFIGS[source], batch_size=16, gf_dim=16, df_dim=16)  # small: float64 is slow
+
+        def made_run(procs):
+            torch.manual_seed(1)  # the same initial nets
+            run = gt.Run(cfg, 1, gt.Speed(processes=procs.world), "cpu", procs)
+            run.gen.double(), run.dis.double()
+            return run
+        runs = {"two": made_run(procs), **({"one": made_run(gt.Processes())} if rank == 0 else {})}
+        steps = {name: gt.make_step(run) for name, run in runs.items()}
+        rows, log = procs.rows(cfg.batch_size), {name: [] for name in runs}
+        for i in range(iters):
+            draw = torch.Generator().manual_seed(i)
+            x = torch.rand(cfg.batch_size, *cfg.sample_shape, generator=draw, dtype=torch.float64) * 2 - 1
+            z = torch.randn(cfg.batch_size, cfg.noise_dim, generator=draw, dtype=torch.float64)
+            for name, run in runs.items():
+                step = steps[name](x[rows] if name == "two" else x, z[rows] if name == "two" else z, run.schedule)
+                run.record(step)
+                log[name].append((step.trained, step.d_pos_loss, step.d_neg_loss, step.g_loss))
+        if rank == 0:
+            torch.save({name: {"log": log[name], "generator": run.gen.state_dict(),
+                               "discriminator": run.dis.state_dict()} for name, run in runs.items()},
+                       results / f"{source}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def float64_runs(tmp_path_factory):
+    results = tmp_path_factory.mktemp("float64")
+    torch.multiprocessing.spawn(float64_ranks, (2, results / "store", 8, results), nprocs=2)
+    return results
+
+
+@pytest.mark.parametrize("source", ["uniform", "mnist"])
+def test_the_distributed_step_is_the_single_step_in_float64(float64_runs, source):
+    """The mathematics of two processes is the single process's: in float64, where round-off is
+    small against Adam's eps, the choices agree exactly, losses to 1e-9 and parameters to 1e-8."""
+    result = torch.load(float64_runs / f"{source}.pt")
+    one, two = result["one"], result["two"]
+    assert [entry[0] for entry in one["log"]] == [entry[0] for entry in two["log"]]
+    assert {entry[0] for entry in one["log"]} == {"dis", "gen"}  # both nets' updates were compared
+    for a, b in zip(one["log"], two["log"]):
+        assert b[1:] == pytest.approx(a[1:], rel=1e-9)
+    gaps = {net: parameter_gap(one, two, net) for net in ("generator", "discriminator")}
+    print(f"{source} float64: relative parameter gaps {gaps}")
+    assert max(gaps.values()) < 1e-8, gaps

@@ -125,8 +125,10 @@ def test_training_goes_on_when_stdout_is_closed(tmp_path):
 
 # ------------------------------------------------------------------ stop signals
 
-@pytest.mark.parametrize("sig", [signal.SIGHUP])  # SIGINT: test_resume.py; all three share one handler
-def test_sighup_stops_training_with_a_checkpoint(tmp_path, sig):
+def test_sighup_stops_training_with_a_checkpoint(tmp_path):
+    """SIGHUP (the terminal closed); SIGINT is in test_resume.py, SIGTERM under torchrun in
+    test_distributed.py: the three share one handler."""
+    sig = signal.SIGHUP
     out = tmp_path / "out"
     proc = popen_cli(*UNIFORM_ARGS, "--passes", 1, "--iters", 100000, "--out_dir", out)
     try:
