@@ -58,26 +58,27 @@ def assert_same_run(single_dir, multi_dir, source, passes):
         assert names[0] == names[1]
 
 
-def test_two_processes_train_the_single_process_uniform_run(uniform_run, cli, tmp_path):
-    """conftest's shared uniform run, and the same arguments on two processes."""
+def test_two_processes_train_the_single_process_uniform_run(cli, tmp_path):
+    """conftest's shared uniform run of one pass, and the same arguments on two processes."""
+    assert cli.result("uniform_1pass").returncode == 0
     out, proc = cli.out("uniform_ddp"), cli.result("uniform_ddp")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert our_stderr(proc.stderr) == [] and "Traceback" not in proc.stderr
     assert [line for line in proc.stdout.splitlines() if line.startswith("training")] == \
-           ["training uniform on cpu: 2 passes of 101 iterations, batch 16, lr 0.0001, seed 1"]  # rank 0's log alone
+           ["training uniform on cpu: 1 pass of 101 iterations, batch 16, lr 0.0001, seed 1"]  # rank 0's log alone
     assert "speed: 2 processes x cpu" in proc.stdout
-    assert_same_run(uniform_run.out, out, "uniform", 2)
+    assert_same_run(cli.out("uniform_1pass"), out, "uniform", 1)
 
     # the checkpoint of the 2-process run resumes in one process, with a note (in a copy: the
     # shared run's folder is read-only for the tests)
     copy = tmp_path / "resumed"
     shutil.copytree(out, copy)
-    code_out = subprocess.run([sys.executable, str(TRAINER), "-d", "uniform", "--resume", "--passes", "3", "--use_gpu",
+    code_out = subprocess.run([sys.executable, str(TRAINER), "-d", "uniform", "--resume", "--passes", "2", "--use_gpu",
                                "0", "--quiet", "--compile", "0", "--out_dir", str(copy)], cwd=REPO, env=CLI_ENV,
                               capture_output=True, text=True, timeout=300)
     assert code_out.returncode == 0, code_out.stderr
     assert "processes 1 (the run: 2)" in code_out.stdout
-    assert torch.load(copy / "uniform_params" / "pass_2.pt")["options"]["speed"]["processes"] == 1
+    assert torch.load(copy / "uniform_params" / "pass_1.pt")["options"]["speed"]["processes"] == 1
 
 
 def test_two_processes_train_the_single_process_mnist_run(mnist_run, cli):
