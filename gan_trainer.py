@@ -2468,7 +2468,8 @@ def sliced_wasserstein(a, b, projections=256, seed=0):
     g = torch.Generator().manual_seed(seed)
     theta = torch.rand(projections, generator=g, dtype=torch.float64) * math.pi
     dirs = torch.stack([theta.cos(), theta.sin()], 1)
-    pa, pb = (a.double() @ dirs.T).sort(0).values, (b.double() @ dirs.T).sort(0).values
+    # one row per direction: sorting along rows is several times faster than down columns
+    pa, pb = (dirs @ a.double().T).sort(1).values, (dirs @ b.double().T).sort(1).values
     return (pa - pb).abs().mean().item()
 
 
