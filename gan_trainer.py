@@ -10,7 +10,8 @@ The file reads in four parts, each opened by a banner that says what it promises
      writes it, and the same numbers with shared work), the run's state, the loop;
   2. the run's files (checkpoints, metrics.jsonl, pictures and plots), its configuration, the
      console and stop signals;
-  3. speed: options decided once, and faster ways to compute the same iteration;
+  3. speed: options decided once, faster ways to compute the same iteration, and several
+     processes under torchrun;
   4. applying G: generate and evaluate; then the command line.
 The networks and the tutorial's hyper-parameters are in gan_conf.py.
 """
@@ -1660,7 +1661,8 @@ class StopRequest:
 #
 # Every class here reproduces train_step (or the torch piece it replaces) with fewer launches,
 # fewer Python calls or faster kernels; tests/test_step_equivalence.py and
-# tests/test_compiled_step.py prove each equal to it, bit for bit or to float rounding.
+# tests/test_compiled_step.py prove each equal to it, bit for bit or to float rounding; the
+# last section spreads it over several processes (tests/test_distributed.py).
 # What a run uses is decided once, at start-up, as a Speed (printed, stored in checkpoints).
 
 @dataclasses.dataclass(frozen=True)
