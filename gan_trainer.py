@@ -758,7 +758,10 @@ def set_up(args, files, device, procs, log):
     data_dir = args.data_dir or cfg.folder or "data"
     if args.eval_every:
         check_evaluable(cfg.data_source, data_dir)
-    data = load_data(cfg, data_dir, device, seed, args.conditional or cfg.conditional, log, args.quiet or not procs.main)
+    load = functools.partial(load_data, cfg, data_dir, device, seed, args.conditional or cfg.conditional, log,
+                             args.quiet or not procs.main)
+    # a folder is decoded by one process per machine; the others read the cache it writes
+    data = procs.first_on_each_machine(load) if cfg.data_source == "folder" else load()
     run = start_run(args, fit_to_data(cfg, data, ckpt, log), seed, ckpt, device, procs, files, log)
     evaluator = Evaluator(cfg, data_dir, data.x, log) if args.eval_every and procs.main else None
     return run, data, evaluator
@@ -1836,6 +1839,18 @@ class Processes:
         t = torch.tensor([int(flag)], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
+
+    def first_on_each_machine(self, work):
+        """work() in each machine's first process (local rank 0), then in the others."""
+        if not self.launched:
+            return work()
+        import torch.distributed as dist
+        if self.local_rank == 0:
+            result = work()
+            dist.barrier()
+            return result
+        dist.barrier()
+        return work()
 
     def broadcast(self, value, device):
         """Rank 0's integer, on every rank."""

@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -143,7 +144,13 @@ def float64_ranks(rank, world, store, iters, results):
     from gan_conf import CONFIGS
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    procs = gt.Processes(rank, world, 0, True)
+    procs = gt.Processes(rank, world, rank, True)  # one machine: local rank = rank
+
+    def decode_folder():  # a folder's decoding: the machine's first process, then the others
+        time.sleep(0.5 if rank == 0 else 0)
+        with open(results / "order", "a") as f:
+            f.write(f"{rank}\n")
+    procs.first_on_each_machine(decode_folder)
     for source in ("uniform", "mnist"):
         cfg = dataclasses.replace(CONFIGS[source], batch_size=16, gf_dim=16, df_dim=16)  # small: float64 is slow
 
@@ -190,3 +197,7 @@ def test_the_distributed_step_is_the_single_step_in_float64(float64_runs, source
     gaps = {net: parameter_gap(one, two, net) for net in ("generator", "discriminator")}
     print(f"{source} float64: relative parameter gaps {gaps}")
     assert max(gaps.values()) < 1e-8, gaps
+
+
+def test_a_folder_is_decoded_by_the_first_process_then_read_by_the_others(float64_runs):
+    assert (float64_runs / "order").read_text().split() == ["0", "1"]
