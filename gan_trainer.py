@@ -42,7 +42,8 @@ if __name__ == "__main__":
     # A stop signal while numpy and torch load (seconds) ends the program quietly; main() then
     # installs its own handling.
     def _stopped_while_starting(signum, frame):
-        os.write(2, b"gan_trainer.py: interrupted\n")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for all the processes
+            os.write(2, b"gan_trainer.py: interrupted\n")
         os._exit(130)
     for _s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if _s:
@@ -1101,7 +1102,7 @@ def weights_only_reason(e):
     return in_one_line(e, most=120)
 
 
-def load_checkpoint(path, data_source):
+def load_checkpoint(path, data_source, flag="--params"):
     """A checked checkpoint dict (on the CPU), with its path under "path"; refuses damaged,
     foreign or odd files in one line."""
     path = Path(path)
@@ -1111,7 +1112,7 @@ def load_checkpoint(path, data_source):
             raise UserError(f"no checkpoint (pass_<N>.pt) in {path}: train first")
         path = found[-1]
     if not path.exists():
-        raise UserError(f"checkpoint {path} not found: train first, or name one with --params")
+        raise UserError(f"checkpoint {path} not found: train first, or name one with {flag}")
     ckpt = read_checkpoint(path)
     try:
         check_checkpoint(ckpt, path, data_source)
@@ -1307,7 +1308,9 @@ def load_resume_checkpoint(args, params_dir):
     """The checkpoint --resume names (or the newest). Refused: one older than the newest of its
     own folder (it would overwrite the newer ones), one from elsewhere when this run's folder
     holds another run's files, flags that differ from its configuration."""
-    ckpt = load_checkpoint(args.resume or params_dir, args.data_source)
+    if not args.resume and not params_dir.is_dir():
+        raise UserError(f"no checkpoint (pass_<N>.pt) in {params_dir}: train first")
+    ckpt = load_checkpoint(args.resume or params_dir, args.data_source, "--resume PATH")
     if ckpt["path"].parent.resolve() == params_dir.resolve():
         newer = [p for p in list_checkpoints(params_dir) if int(p.stem[5:]) > ckpt["pass"]]
         if newer:
@@ -1683,17 +1686,19 @@ class Speed:
 
     @classmethod
     def decide(cls, args, cfg, device, saved=None, log=print, processes=1):
-        """The speed options of a run: the flags given; else, resuming on the same kind of device,
-        the run's own (so that a plain --resume continues bit for bit); else the defaults, the
-        fastest measured (tests/BENCHMARKS.md). bf16 changes precision: a run keeps its own."""
+        """The speed options of a run: the flags given; else, resuming on the same kind of device
+        with as many processes, the run's own (so that a plain --resume continues bit for bit);
+        else the defaults, the fastest measured (tests/BENCHMARKS.md). bf16 changes precision: a
+        run keeps its own."""
         if args.cuda_graphs and device.type != "cuda":
             log("--cuda_graphs 1 needs a GPU: running eagerly")
         if args.compile and device.type != "cpu":
             log("--compile 1 is for the CPU: ignored on a GPU (where --cuda_graphs speeds the step up)")
-        if processes > 1 and (args.compile or args.cuda_graphs):
+        if processes > 1 and ((args.compile and device.type == "cpu") or (args.cuda_graphs and device.type == "cuda")):
             log("--compile and --cuda_graphs are off with several processes: each update is a DDP forward "
                 "and backward")
-        same = saved is not None and torch.device(saved.device).type == device.type
+        # a run's own options, where they were chosen for the same kind of device and processes
+        same = saved is not None and torch.device(saved.device).type == device.type and saved.processes == processes
 
         def option(flag, name, default):
             return bool(flag) if flag is not None else getattr(saved, name) if same else default
@@ -1810,7 +1815,7 @@ class Processes:
     def rows(self, n):
         """This rank's rows of a global batch of n, which must divide evenly over the ranks."""
         if n % self.world:
-            raise UserError(f"--batch_size {n} is the global batch: it must divide evenly over the "
+            raise UserError(f"the global batch of {n} (--batch_size) must divide evenly over the "
                             f"{self.world} processes")
         return slice(self.rank * n // self.world, (self.rank + 1) * n // self.world)
 
@@ -2339,6 +2344,9 @@ def generate(args):
     (conditional: FILE.labels.npy too, the class asked for of each sample)."""
     device = choose_device(args.use_gpu, args.gpu_id, write_stdout)
     out = output_stem(args.output, Path(args.out_dir) / f"{args.data_source}_samples" / "generated")
+    npy, png = out.with_name(out.name + ".npy"), out.with_name(out.name + ".png")
+    if png.exists() and re.fullmatch(r"train_pass\d+|losses", out.name):
+        raise UserError(f"--output {args.output}: {png} is a training run's picture; give another name")
     cfg, gen, path = load_generator(args, device)
     labels = sample_labels(cfg, args.generate, args.label)
     if args.seed is not None:
@@ -2346,7 +2354,6 @@ def generate(args):
     noise = torch.randn(args.generate, cfg.noise_dim, device=device)
     samples = generate_samples(gen, noise, cfg.batch_size, labels=None if labels is None else labels.to(device))
     samples = samples.clamp(-1, 1) if cfg.is_image else samples
-    npy, png = out.with_name(out.name + ".npy"), out.with_name(out.name + ".png")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -2732,6 +2739,38 @@ def torchrun_rank():
     return f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
 
 
+SAY_AFTER_S = 30.0  # how long a process other than rank 0 waits before it reports a failure
+
+
+def report_failure(line, first=None):
+    """One line on stderr. Under torchrun, processes that fail alike (bad input, say) would each
+    say it: rank 0 says it at once; another rank, or one that lost another process, waits a
+    while first, and ends silently if torchrun ends it meanwhile (SIGTERM), as torchrun ends
+    every process once one has failed: the one that failed has then said why, or torchrun has.
+    (Processes start at different speeds, so the wait is long: rank 0 may still be loading.)"""
+    if first is None:
+        first = os.environ.get("RANK", "0") == "0"
+    if torchrun_rank() and not first:
+        def end(signum, frame):
+            if signum == signal.SIGINT:  # Ctrl-C: the user is waiting for the reason
+                write_stderr(line)
+            os._exit(1)
+        for s in STOP_SIGNALS:
+            signal.signal(s, end)
+        time.sleep(SAY_AFTER_S)
+    write_stderr(line)
+
+
+def lost_another_process(e):
+    """Whether an error is a collective's that lost one of torchrun's processes."""
+    if not torchrun_rank():
+        return False
+    import torch.distributed as dist
+    return isinstance(e, dist.DistError) or any(
+        words in str(e) for words in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                      "gloo", "NCCL"))
+
+
 def main(argv=None):
     try:
         with signals_interrupt():
@@ -2747,17 +2786,21 @@ def main(argv=None):
             else:
                 train(args)
     except UserError as e:
-        write_stderr(f"gan_trainer.py: error{torchrun_rank()}: {e}")
+        report_failure(f"gan_trainer.py: error{torchrun_rank()}: {e}")
         return 1
     except KeyboardInterrupt as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for all the processes
             write_stderr(f"gan_trainer.py: interrupted{f' ({e})' if str(e) else ''}")
         return 130
     except (RuntimeError, MemoryError) as e:
+        if lost_another_process(e):
+            report_failure(f"gan_trainer.py: error{torchrun_rank()}: the processes lost touch with each other "
+                           f"({in_one_line(e, most=120)})", first=False)
+            return 1
         if not out_of_memory(e):
             raise
-        write_stderr(f"gan_trainer.py: error: out of memory: {out_of_memory(e)}; ask for less "
-                     "(--generate N, --samples N, --batch_size, --hidden_dim)")
+        report_failure(f"gan_trainer.py: error{torchrun_rank()}: out of memory: {out_of_memory(e)}; ask for less "
+                       "(--generate N, --samples N, --batch_size, --hidden_dim)")
         return 1
     return 0
 

@@ -206,6 +206,11 @@ class CliPool:
         pool.start("uniform_ddp", *UNIFORM_ARGS, "--passes", 1, "--out_dir", pool.out("uniform_ddp"), torchrun=True)
         pool.start("mnist_ddp", *MNIST_ARGS, "--passes", 2, "--data_dir", pool.mnist_data,
                    "--out_dir", pool.out("mnist_ddp"), torchrun=True)
+        # failures under torchrun: one that both processes meet, one of rank 0's alone
+        pool.start("ddp_odd_batch", "-d", "uniform", "--batch_size", 15, "--use_gpu", 0,
+                   "--out_dir", pool.out("ddp_odd_batch"), torchrun=True)
+        pool.start("ddp_unwritable", "-d", "uniform", "--use_gpu", 0, "--out_dir", "/proc/gan_trainer_tests",
+                   torchrun=True)
         return pool
 
     def close(self):

@@ -224,6 +224,16 @@ def test_generate_output_that_is_a_folder_is_refused(uniform_run, tmp_path, caps
     assert sorted(p.name for p in tmp_path.iterdir()) == ["some_folder"]
 
 
+def test_generate_does_not_overwrite_a_training_runs_picture(uniform_run, tmp_path, capsys):
+    samples = tmp_path / "uniform_samples"
+    shutil.copytree(uniform_run.out / "uniform_samples", samples)
+    before = (samples / "train_pass0.png").read_bytes()
+    code, out, err = run_main(["-d", "uniform", "--use_gpu", 0, "--generate", 4, "--output", samples / "train_pass0",
+                               "--params", uniform_run.params("uniform") / "pass_1.pt"], capsys)
+    assert_one_line_error(code, err, "train_pass0.png is a training run's picture")
+    assert (samples / "train_pass0.png").read_bytes() == before and not (samples / "train_pass0.npy").exists()
+
+
 def overcommits_everything():
     try:
         return open("/proc/sys/vm/overcommit_memory").read().strip() == "1"

@@ -12,6 +12,7 @@ a few samples amplifies round-off. In float64 it can: test_the_distributed_step_
 runs DistributedStep on two processes against train_step in one, to 1e-9.
 """
 import dataclasses
+import functools
 import os
 import re
 import shutil
@@ -93,7 +94,7 @@ def test_each_process_takes_its_rows_and_a_batch_must_divide():
     import gan_trainer
     shares = [gan_trainer.Processes(rank, 4).rows(128) for rank in range(4)]
     assert [(s.start, s.stop) for s in shares] == [(0, 32), (32, 64), (64, 96), (96, 128)]
-    with pytest.raises(gan_trainer.UserError, match="--batch_size 15 is the global batch: it must divide evenly"):
+    with pytest.raises(gan_trainer.UserError, match=r"the global batch of 15 \(--batch_size\) must divide evenly over the 2 processes"):
         gan_trainer.Processes(0, 2).rows(15)
 
 
@@ -102,6 +103,18 @@ def test_generate_refuses_to_run_under_torchrun(uniform_run, tmp_path, capsys, m
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, _, err = run_main(["-d", "uniform", "--use_gpu", 0, "--generate", 4, "--out_dir", uniform_run.out], capsys)
     assert_one_line_error(code, err, "--generate runs in one process")
+
+
+@pytest.mark.parametrize("name, words", [("ddp_odd_batch", "the global batch of 15 (--batch_size) must divide"),
+                                         ("ddp_unwritable", "cannot write outputs under /proc/gan_trainer_tests")])
+def test_a_failure_under_torchrun_is_said_in_one_line(cli, name, words):
+    """Both processes refuse the batch, or rank 0 alone cannot write (rank 1, waiting for it, loses
+    it): either way one line, rank 0's, and no traceback of ours (torchrun adds its own report)."""
+    proc = cli.result(name)
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith(("gan_trainer.py", "[rank"))]
+    assert len(ours) == 1 and ours[0].startswith("gan_trainer.py: error (rank 0 of 2): "), proc.stderr
+    assert words in ours[0]
 
 
 def test_ctrl_c_stops_every_process_with_one_checkpoint(tmp_path):
@@ -201,3 +214,35 @@ def test_the_distributed_step_is_the_single_step_in_float64(float64_runs, source
 
 def test_a_folder_is_decoded_by_the_first_process_then_read_by_the_others(float64_runs):
     assert (float64_runs / "order").read_text().split() == ["0", "1"]
+
+
+def test_a_run_resumed_with_another_number_of_processes_takes_that_numbers_defaults():
+    """A run's own speed options suit its number of processes: 2 processes of 1 thread, compile
+    off, resumed in one process, get one process's defaults (and the reverse), not a slower run."""
+    import gan_trainer as gt
+    from gan_conf import CONFIGS
+    args = gt.build_parser().parse_args(["-d", "uniform"])
+    decide = functools.partial(gt.Speed.decide, args, CONFIGS["uniform"], torch.device("cpu"), log=lambda *lines: None)
+    assert decide(gt.Speed(threads=7, compile=False, processes=2), processes=1) == gt.Speed(threads=1, compile=True)
+    assert decide(gt.Speed(threads=7, compile=False), processes=1) == gt.Speed(threads=7, compile=False)  # its own
+    args = gt.build_parser().parse_args(["-d", "mnist"])
+    decide = functools.partial(gt.Speed.decide, args, CONFIGS["mnist"], torch.device("cpu"), log=lambda *lines: None)
+    assert decide(gt.Speed(threads=7, channels_last=True), processes=2).threads == torch.get_num_threads()
+
+
+def test_a_rank_other_than_0_says_its_failure_only_after_a_wait(monkeypatch, capsys):
+    """If torchrun has not ended it by then (it ends every process once one has failed), a
+    failure of rank 1 alone is still said: after the wait, in one line."""
+    import gan_trainer
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(gan_trainer, "SAY_AFTER_S", 0.2)
+    handlers = {s: signal.getsignal(s) for s in gan_trainer.STOP_SIGNALS}
+    try:
+        started = time.monotonic()
+        gan_trainer.report_failure("gan_trainer.py: error (rank 1 of 2): no data on this machine")
+        assert time.monotonic() - started >= 0.2
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert capsys.readouterr().err == "gan_trainer.py: error (rank 1 of 2): no data on this machine\n"
