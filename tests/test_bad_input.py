@@ -17,10 +17,12 @@ def train_argv(source, data_dir, out_dir, *extra):
 
 # ------------------------------------------------------------------ as a user runs it (subprocess)
 
-def test_missing_mnist_names_the_download_script(cli):
-    proc = cli.result("missing_mnist")
-    assert proc.returncode == 1
-    assert_one_line_error(proc.returncode, proc.stderr, "data/get_mnist_data.sh", "train-images-idx3-ubyte")
+def test_missing_mnist_names_the_download_script(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, out, err = run_main(["-d", "mnist", "--use_gpu", 0, "--data_dir", tmp_path / "empty",
+                               "--out_dir", tmp_path / "out"], capsys)
+    assert code == 1
+    assert_one_line_error(code, err, "data/get_mnist_data.sh", "train-images-idx3-ubyte")
 
 
 def test_non_finite_loss_stops_with_one_line(tmp_path, capsys):
