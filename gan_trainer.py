@@ -1889,11 +1889,13 @@ def join_processes(use_gpu):
 def leave_processes(procs, done=False):
     """Leave the process group: after a run, once every rank is done (one that is still
     writing rank 0's files is not cut off); after an error, at once."""
+    import gc
     import torch.distributed as dist
     if procs.launched and dist.is_initialized():
         with contextlib.suppress(Exception):
             if done:
                 dist.barrier()
+            gc.collect()  # the DDP wrappers (held in reference cycles) go before their process group
             dist.destroy_process_group()
 
 
