@@ -51,6 +51,7 @@ if __name__ == "__main__":
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -880,10 +881,7 @@ class RunFiles:
     def __init__(self, out_dir, data_source, keep, write=True):
         """write=False: a process of several that is not rank 0, which writes nothing."""
         self.write = write
-        if write:
-            self.samples, self.params = output_dirs(out_dir, data_source)
-        else:
-            self.samples, self.params = Path(out_dir) / f"{data_source}_samples", Path(out_dir) / f"{data_source}_params"
+        self.samples, self.params = output_dirs(out_dir, data_source, make=write)
         self.keep, self.metrics, self.plotted = keep, None, time.time()
 
     @contextlib.contextmanager
@@ -942,8 +940,11 @@ class RunFiles:
         self.plotted = time.time()
 
 
-def output_dirs(out_dir, data_source):
+def output_dirs(out_dir, data_source, make=True):
+    """<d>_samples/ and <d>_params/ under out_dir; made (and checked writable) unless make=False."""
     samples, params = Path(out_dir) / f"{data_source}_samples", Path(out_dir) / f"{data_source}_params"
+    if not make:
+        return samples, params
     try:
         for d in (samples, params):
             d.mkdir(parents=True, exist_ok=True)
@@ -1822,7 +1823,6 @@ class Processes:
     def average(self, t):
         if not self.launched:
             return t
-        import torch.distributed as dist
         t = t.detach().clone()
         dist.all_reduce(t)
         return t / self.world
@@ -1831,7 +1831,6 @@ class Processes:
         """The ranks' tensors, one after another in rank order: the global batch's."""
         if not self.launched:
             return t
-        import torch.distributed as dist
         parts = [torch.empty_like(t) for _ in range(self.world)]
         dist.all_gather(parts, t.detach().contiguous())
         return torch.cat(parts)
@@ -1840,7 +1839,6 @@ class Processes:
         """Whether any rank says so: every rank then acts alike (a stop signal, say)."""
         if not self.launched:
             return flag
-        import torch.distributed as dist
         t = torch.tensor([int(flag)], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
@@ -1849,7 +1847,6 @@ class Processes:
         """work() in each machine's first process (local rank 0), then in the others."""
         if not self.launched:
             return work()
-        import torch.distributed as dist
         if self.local_rank == 0:
             result = work()
             dist.barrier()
@@ -1861,7 +1858,6 @@ class Processes:
         """Rank 0's integer, on every rank."""
         if not self.launched:
             return value
-        import torch.distributed as dist
         t = torch.tensor([value], dtype=torch.int64, device=device)
         dist.broadcast(t, 0)
         return int(t.item())
@@ -1873,7 +1869,6 @@ def join_processes(use_gpu):
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Processes()
     import datetime
-    import torch.distributed as dist
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     gpu = use_gpu == "1" and torch.cuda.is_available()
@@ -1890,7 +1885,6 @@ def leave_processes(procs, done=False):
     """Leave the process group: after a run, once every rank is done (one that is still
     writing rank 0's files is not cut off); after an error, at once."""
     import gc
-    import torch.distributed as dist
     if procs.launched and dist.is_initialized():
         with contextlib.suppress(Exception):
             if done:
@@ -1904,14 +1898,12 @@ class AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t):
-        import torch.distributed as dist
         t = t.clone()
         dist.all_reduce(t)
         return t
 
     @staticmethod
     def backward(ctx, grad):
-        import torch.distributed as dist
         grad = grad.clone()
         dist.all_reduce(grad)
         return grad
@@ -1928,7 +1920,6 @@ class GlobalBatchNorm:
     def forward(self, x):
         if not self.training:
             return super().forward(x)
-        import torch.distributed as dist
         dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
         n = x.numel() // x.shape[1] * dist.get_world_size()
         x = at_least_float32(x)  # the statistics in float32 at least, as torch's batch norm keeps them
@@ -2735,6 +2726,11 @@ def out_of_memory(e):
     return f"{int(found.group(1)) / 2 ** 30:.1f} GiB could not be allocated" if found else None
 
 
+def rank_0():
+    """Whether this is the one process, or rank 0 of torchrun's."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def torchrun_rank():
     """ " (rank r of n)" in a process that torchrun started with others, else ""."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -2751,7 +2747,7 @@ def report_failure(line, first=None):
     every process once one has failed: the one that failed has then said why, or torchrun has.
     (Processes start at different speeds, so the wait is long: rank 0 may still be loading.)"""
     if first is None:
-        first = os.environ.get("RANK", "0") == "0"
+        first = rank_0()
     if torchrun_rank() and not first:
         def end(signum, frame):
             if signum == signal.SIGINT:  # Ctrl-C: the user is waiting for the reason
@@ -2767,7 +2763,6 @@ def lost_another_process(e):
     """Whether an error is a collective's that lost one of torchrun's processes."""
     if not torchrun_rank():
         return False
-    import torch.distributed as dist
     return isinstance(e, dist.DistError) or any(
         words in str(e) for words in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
                                       "gloo", "NCCL"))
@@ -2791,7 +2786,7 @@ def main(argv=None):
         report_failure(f"gan_trainer.py: error{torchrun_rank()}: {e}")
         return 1
     except KeyboardInterrupt as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for all the processes
+        if rank_0():  # under torchrun, one line for all the processes
             write_stderr(f"gan_trainer.py: interrupted{f' ({e})' if str(e) else ''}")
         return 130
     except (RuntimeError, MemoryError) as e:
