@@ -32,8 +32,10 @@ import pickle
 import random
 import re
 import signal
+import stat
 import sys
 import time
+import unicodedata
 import warnings
 import zlib
 from pathlib import Path
@@ -186,65 +188,233 @@ def class_indices(values, n, classes):
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
+MOST_CROPS_RESIZED = 16  # the resize, before the crop, may make this many crops' pixels (a thin image could make GBs)
 
 
-def read_image_folder(folder, size, channels, log=print, quiet=True):
-    """Every image under `folder` (recursively; other files are ignored) as uint8
-    (n, channels, size, size), each resized on its shorter side and centre-cropped, and the
-    path of each (relative to the folder). An image that cannot be decoded is skipped, and
-    named in one line. Decoded once: the result is cached outside the folder and reused while
-    the folder's image files are the same ones (path, size, modification time)."""
+def shown(text):
+    """text (a path, a file name) with what would break a one-line message escaped as repr()
+    writes it: control characters (a newline, a terminal escape), line separators, and the bytes
+    of a file name that are not UTF-8."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Zl", "Zp", "Cs") else c for c in text)
+
+
+def named(entries, most=3):
+    """(name, why) pairs as "name (why), ..." for a one-line message."""
+    listed = ", ".join(f"{shown(name)} ({shown(why)})" for name, why in entries[:most])
+    return listed + (", ..." if len(entries) > most else "")
+
+
+def read_image_folder(folder, size, channels, log=print, quiet=True, exclude=(), by_class=False, retry=True):
+    """Every image under `folder` (recursively, following linked folders; other files are
+    ignored) as uint8 (n, channels, size, size), each resized on its shorter side and
+    centre-cropped, and the path of each (relative to the folder). Left out: the run's own
+    output folders (`exclude`) and any other run's (scan_image_folder); an image that cannot
+    be decoded, named in one line. Decoded once: the result is cached outside the folder and
+    reused while the folder's image files are the same ones (path, size, modification time).
+    by_class: say which first-level subfolders (the classes) have no image. retry=False (the
+    other processes of a run on one machine): the cache the first one wrote is taken as it is,
+    so that every process has the same images."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"--data_dir {folder}: not a folder (-d folder reads the images in and below it)")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise UserError(f"{folder}: no image in it or below it (PNG, JPEG, BMP, WebP or GIF)")
-    listing = [[str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+        raise UserError(f"--data_dir {shown(folder)}: not a folder (-d folder reads the images in and below it)")
+    scan = scan_image_folder(folder, exclude)
+    if scan.left_out:
+        log(f"note: {plural(len(scan.left_out), 'folder')} of {shown(folder)} left out: {named(scan.left_out)}")
+    if not scan.files:
+        raise UserError(f"{shown(folder)}: no image in it or below it (PNG, JPEG, BMP, WebP or GIF)")
+    listing = [[str(p.relative_to(folder)), st.st_size, st.st_mtime_ns] for p, st in scan.files]
     cache = FolderCache(folder, size, channels)
-    found = cache.load(listing)
+    found = cache.load(listing, log, retry)
     if found is not None:
-        images, names, skipped = found
-        log(f"read {len(names)} images of {folder} from the cache {cache.npy}")
+        images, names, skipped, again = found
+        log(f"read {len(names)} images of {shown(folder)} from the cache {shown(cache.npy)}")
     else:
-        images, names, skipped = decode_images(folder, files, size, channels, quiet)
-        cache.save(listing, images, names, skipped, log)
+        images, names, skipped, again = decode_images(folder, [p for p, _ in scan.files], size, channels, quiet, log)
+        cache.save(listing, images, names, skipped, again, log)
     if skipped:
-        named = ", ".join(f"{name} ({why})" for name, why in skipped[:3])
-        log(f"{folder}: {len(skipped)} image file{'s' * (len(skipped) > 1)} could not be read and "
-            f"{'were' if len(skipped) > 1 else 'was'} skipped: {named}{', ...' if len(skipped) > 3 else ''}")
+        log(f"{shown(folder)}: {plural(len(skipped), 'image file')} could not be read and "
+            f"{'were' if len(skipped) > 1 else 'was'} skipped: {named(skipped)}")
+    if again:
+        log(f"note: {plural(len(again), 'image file')} could not be read this time and "
+            f"{'were' if len(again) > 1 else 'was'} left out of this run (the next run tries again): {named(again)}")
     if not names:
-        raise UserError(f"{folder}: none of its {len(files)} image files could be read")
+        raise UserError(f"{shown(folder)}: none of its {len(scan.files)} image files could be read")
+    if by_class:
+        with_images = {Path(name).parts[0] for name in names}
+        empty = [d for d in scan.subfolders if d not in with_images]
+        if empty:
+            log(f"note: {plural(len(empty), 'class folder')} without an image that could be read, left out as "
+                f"classes: {', '.join(map(shown, empty))}")
     return images, names
 
 
-def decode_images(folder, files, size, channels, quiet=True):
+@dataclasses.dataclass
+class FolderScan:
+    """What an image folder holds: its image files (path, stat), sorted; its first-level
+    subfolders; the folders left out, with why."""
+    files: list
+    subfolders: list
+    left_out: list
+
+
+def scan_image_folder(folder, exclude=()):
+    """The image files in and below `folder`. Linked files and folders are followed (as
+    torchvision's ImageFolder does), each real folder once, so a link loop ends. Left out: the
+    folders in `exclude` (the run's own outputs) and other runs' (is_run_output). A file that
+    goes away while the folder is listed is not listed."""
+    excluded, real_folder = {os.path.realpath(p) for p in exclude}, os.path.realpath(folder)
+    if any(real_folder == e or real_folder.startswith(os.path.join(e, "")) for e in excluded):
+        raise UserError(f"--data_dir {shown(folder)} is this run's own output folder: give another --out_dir")
+    seen = {real_folder: "."}  # real folder -> the path it was read by
+    files, subfolders, left_out = [], None, []
+    for top, dirs, file_names in os.walk(folder, followlinks=True):
+        kept = []
+        for d in sorted(dirs):
+            path = os.path.join(top, d)
+            real, rel = os.path.realpath(path), os.path.relpath(path, folder)
+            if real in excluded or is_run_output(path):
+                left_out.append((rel, "this trainer's output"))
+            elif real in seen:
+                left_out.append((rel, f"the same folder as {seen[real]}"))
+            else:
+                seen[real] = rel
+                kept.append(d)
+        dirs[:] = kept
+        subfolders = kept if subfolders is None else subfolders
+        for name in file_names:
+            if name.lower().endswith(IMAGE_SUFFIXES):
+                path = Path(top, name)
+                try:
+                    st = path.stat()
+                except OSError:  # gone since its folder was listed, or a dangling link
+                    continue
+                if stat.S_ISREG(st.st_mode):  # a FIFO would block the decoder
+                    files.append((path, st))
+    return FolderScan(sorted(files, key=lambda f: f[0]), subfolders or [], left_out)
+
+
+def is_run_output(path):
+    """Whether a folder is a <d>_samples/ or <d>_params/ of a run of this trainer: so named,
+    beside a <d>_params/ that holds a run's lock or checkpoints."""
+    source, _, kind = os.path.basename(path).rpartition("_")
+    if source not in CONFIGS or kind not in ("samples", "params"):
+        return False
+    params = Path(path).parent / f"{source}_params"
+    return (params / ".lock").is_file() or any(params.glob("pass_*.pt"))
+
+
+def decode_images(folder, files, size, channels, quiet=True, log=print):
     """The images of `files`, decoded, as uint8 (n, channels, size, size), the relative paths of
-    those decoded, and (path, why) of those that could not be."""
-    from PIL import Image, ImageOps
-    from torchvision.transforms import functional as TF
+    those decoded, and (path, why) of those that could not be: skipped, for their content,
+    and again, for a reason of the moment (the file moved away, a disk error, memory)."""
+    from PIL import Image
     from tqdm import tqdm
     images = np.empty((len(files), channels, size, size), np.uint8)
-    names, skipped = [], []
-    for path in tqdm(files, desc=f"reading {folder}", unit="image", disable=quiet or len(files) < 500):
-        try:
-            with Image.open(path) as im:  # a GIF opens on its first frame
-                im = ImageOps.exif_transpose(im).convert("L" if channels == 1 else "RGB")
-                im = TF.center_crop(TF.resize(im, size), size)  # the shorter side to size, antialiased
-                pixels = np.asarray(im)
-        except Exception as e:  # anything an image file can be: truncated, not an image, too large
-            skipped.append((str(path.relative_to(folder)), in_one_line(e, most=60)))
-            continue
-        images[len(names)] = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
-        names.append(str(path.relative_to(folder)))
-    return images[:len(names)], names, skipped
+    names, skipped, again, large = [], [], [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # said below, in one line for all
+        for path in tqdm(files, desc=f"reading {shown(folder)}", unit="image", disable=quiet or len(files) < 500):
+            name = str(path.relative_to(folder))
+            try:
+                with Image.open(path) as im:  # a GIF opens on its first frame
+                    is_large = im.width * im.height > Image.MAX_IMAGE_PIXELS
+                    images[len(names)] = fit_image(im, size, channels)
+            except Exception as e:  # anything an image file can be: truncated, not an image, too large
+                (again if may_read_later(e) else skipped).append((name, in_one_line(e, most=60)))
+                continue
+            names.append(name)
+            if is_large:
+                large.append(name)
+    if large:
+        log(f"note: {plural(len(large), 'image')} larger than {Image.MAX_IMAGE_PIXELS} pixels, of which Pillow warns "
+            f"(as a decompression bomb could be), {'were' if len(large) > 1 else 'was'} decoded: "
+            f"{', '.join(map(shown, large[:3]))}{', ...' if len(large) > 3 else ''}")
+    return images[:len(names)], names, skipped, again
+
+
+def fit_image(im, size, channels):
+    """An opened image as uint8 (channels, size, size): upright (EXIF), 8 bits, grey or RGB,
+    the shorter side resized to size (antialiased), centre-cropped."""
+    from PIL import ImageOps
+    from torchvision.transforms import functional as TF
+    short, long = sorted(im.size)
+    resized = int(size * long / short)  # the longer side after the resize, as torchvision computes it
+    if resized > MOST_CROPS_RESIZED * size:
+        shape = (size, resized) if im.width < im.height else (resized, size)
+        raise ValueError(f"{im.width} x {im.height} px: resized, {shape[0]} x {shape[1]}, too elongated")
+    im = to_8_bit(ImageOps.exif_transpose(im)).convert("L" if channels == 1 else "RGB")
+    pixels = np.asarray(TF.center_crop(TF.resize(im, size), size))
+    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+
+
+def to_8_bit(im):
+    """A deep grey image (16-bit, 32-bit integers, floats) as 8-bit "L", scaled by its range:
+    convert("L") clips it instead (a 16-bit image turns almost white). Other modes pass; Pillow
+    itself reads 16-bit RGB(A) and grey with alpha as 8 bits a channel."""
+    from PIL import Image
+    if im.mode.startswith("I;16"):
+        values = np.asarray(im, np.float64) / 257
+    elif im.mode == "I":
+        # 32-bit integers, with no range of their own: the formats read here keep 16-bit samples
+        # in them (PNG in older Pillows, TIFF), so values within 0-65535 are read as 16 bit;
+        # wider ones are stretched from their own least to their greatest
+        values = np.asarray(im, np.float64)
+        low, high = values.min(), values.max()
+        values = values / 257 if low >= 0 and high <= 65535 else (values - low) * (255 / max(high - low, 1))
+    elif im.mode == "F":
+        # floats: 0-1 if none is above 1, else 0-255; clipped to that range
+        values = np.nan_to_num(np.asarray(im, np.float64))
+        values = values * 255 if values.max() <= 1 else values
+    else:
+        return im
+    return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8))
+
+
+def may_read_later(e):
+    """Whether an image file failed for a reason of the moment, not for its content: an OSError
+    with an errno (moved away, a disk error; Pillow's decoding errors have none), or memory."""
+    return (isinstance(e, OSError) and e.errno is not None) or out_of_memory(e) is not None
+
+
+def open_regular_file(path):
+    """path opened for reading if it is a regular file; anything else (a FIFO, which would block
+    a plain open, a device, a folder) is refused with an OSError."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError("not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_npy(path, shape):
+    """The uint8 array of shape `shape` in a .npy file, read only once its header says it holds
+    that: a damaged or crafted header cannot make it allocate more."""
+    with open_regular_file(path) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"a .npy file of version {version}")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        found, fortran, dtype = read_header(f)
+        if found != shape or fortran or dtype != np.uint8:
+            raise ValueError(f"it holds {dtype} of shape {found}, not uint8 of shape {shape}")
+        images = np.empty(shape, np.uint8)
+        if f.readinto(memoryview(images).cast("B")) != images.nbytes or f.read(1):
+            raise ValueError("its images are cut short or followed by more")
+    return images
 
 
 class FolderCache:
     """A folder's decoded images, kept in the user's cache folder ($XDG_CACHE_HOME/gan_trainer,
     else ~/.cache/gan_trainer), never in the image folder: a .npy of the uint8 images and a
     .json of what they were made from, one pair per folder, size and channels. It is used while
-    the folder's listing is the same, and rebuilt when a file is added, removed or changed."""
+    the folder's listing is the same, and rebuilt when a file is added, removed or changed, when
+    files could not be read last time for a reason of the moment, or when it is damaged."""
 
     def __init__(self, folder, size, channels):
         key = f"{Path(folder).resolve()}|{size}|{channels}"
@@ -252,20 +422,33 @@ class FolderCache:
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gan_trainer"
         self.npy, self.json, self.shape = root / f"{stem}.npy", root / f"{stem}.json", (channels, size, size)
 
-    def load(self, listing):
-        """(images, names, skipped) if the cache holds this listing's images, else None."""
+    def load(self, listing, log=print, retry=True):
+        """(images, names, skipped, again) if the cache holds this listing's images, else None:
+        none yet, made from other files, or (said in one line) damaged. retry: a cache with files
+        that could not be read for a reason of the moment is made anew, so they are tried again."""
         try:
-            meta = json.loads(self.json.read_text())
+            with open_regular_file(self.json) as f:
+                meta = json.loads(f.read())
+        except FileNotFoundError:  # none yet
+            return None
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deeply
+            self.damaged(e, log)
+            return None
+        try:
             if meta["listing"] != listing:
                 return None
-            images = np.load(self.npy, allow_pickle=False)
-            if images.dtype != np.uint8 or images.shape != (len(meta["names"]), *self.shape):
+            names, skipped, again = cached_names(meta, listing)
+            if again and retry:
                 return None
-            return images, meta["names"], [tuple(s) for s in meta["skipped"]]
-        except (OSError, ValueError, KeyError, TypeError):  # none yet, or not one this trainer wrote
+            return read_npy(self.npy, (len(names), *self.shape)), names, skipped, again
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.damaged(e, log)
             return None
 
-    def save(self, listing, images, names, skipped, log=print):
+    def damaged(self, e, log):
+        log(f"note: the image cache {shown(self.json)} was damaged ({shown(in_one_line(e, most=80))}); decoding again")
+
+    def save(self, listing, images, names, skipped, again, log=print):
         """Write the cache (the images first, the .json that vouches for them last); a cache that
         cannot be written costs the next run a decoding, nothing else."""
         try:
@@ -274,9 +457,24 @@ class FolderCache:
                 with open(tmp, "wb") as f:
                     np.save(f, images)
             with atomic_path(self.json) as tmp:
-                tmp.write_text(json.dumps({"listing": listing, "names": names, "skipped": skipped}))
+                tmp.write_text(json.dumps({"listing": listing, "names": names, "skipped": skipped, "again": again}))
         except (OSError, UserError) as e:
-            log(f"note: the decoded images could not be cached ({e}); the next run decodes them again")
+            log(f"note: the decoded images could not be cached ({shown(e)}); the next run decodes them again")
+
+
+def cached_names(meta, listing):
+    """(names, skipped, again) of a cache's .json, checked against the folder's listing: the
+    names must be the listing's, in order, less those skipped or to read again."""
+    skipped, again = meta["skipped"], meta.get("again", [])
+    for entries in (skipped, again):
+        if not isinstance(entries, list) or not all(
+                isinstance(e, list) and len(e) == 2 and all(isinstance(s, str) for s in e) for e in entries):
+            raise ValueError("its unread files are not (name, reason) pairs")
+    unread = {name for name, _ in skipped + again}
+    names = [name for name, _, _ in listing if name not in unread]
+    if meta["names"] != names or len(names) + len(skipped) + len(again) != len(listing):
+        raise ValueError("its image names are not the folder's")
+    return names, [tuple(e) for e in skipped], [tuple(e) for e in again]
 
 
 def class_labels(names, what):
@@ -285,11 +483,12 @@ def class_labels(names, what):
     tops = [Path(name).parts[0] if len(Path(name).parts) > 1 else None for name in names]
     loose = tops.count(None)
     if loose:
-        raise UserError(f"{what}: --conditional 1 needs the images in one subfolder per class; "
+        raise UserError(f"{shown(what)}: --conditional 1 needs the images in one subfolder per class; "
                         f"{loose} sit at the top level")
     classes = tuple(sorted(set(tops)))
     if len(classes) < 2:
-        raise UserError(f"{what}: --conditional 1 needs at least two classes (subfolders with images), found {len(classes)}")
+        raise UserError(f"{shown(what)}: --conditional 1 needs at least two classes (subfolders with images), "
+                        f"found {len(classes)}")
     index = {c: k for k, c in enumerate(classes)}
     return np.array([index[t] for t in tops], dtype=np.int64), classes
 
@@ -303,9 +502,10 @@ class TrainingSet:
     classes: tuple = ()
 
 
-def load_data(cfg, data_dir, device, seed=0, conditional=False, log=print, quiet=True):
+def load_data(cfg, data_dir, device, seed=0, conditional=False, log=print, quiet=True, exclude=(), retry=True):
     """The training set of a configuration. The uniform points come from a generator of their
-    own, so a resumed run sees the same ones."""
+    own, so a resumed run sees the same ones. A folder: `exclude`, the run's output folders, are
+    not read; retry, see read_image_folder."""
     if cfg.data_source == "uniform":
         return TrainingSet(torch.rand(1_000_000, 2, generator=torch.Generator().manual_seed(seed)).to(device))
     labels, classes = None, ()
@@ -322,11 +522,16 @@ def load_data(cfg, data_dir, device, seed=0, conditional=False, log=print, quiet
                 raise UserError(f"{data_dir}: a CIFAR-10 batch has no labels in 0-9 for each image")
             labels, classes = np.concatenate(batch_labels), CIFAR_CLASSES
     else:
-        images, names = read_image_folder(data_dir, cfg.sample_shape[1], cfg.sample_shape[0], log, quiet)
+        images, names = read_image_folder(data_dir, cfg.sample_shape[1], cfg.sample_shape[0], log, quiet, exclude,
+                                          by_class=conditional, retry=retry)
         if conditional:
             labels, classes = class_labels(names, data_dir)
+            if len(classes) > 10:  # picture_noise draws a row for each of the first 10
+                log(f"note: the per-pass pictures show the first 10 of the {len(classes)} classes, "
+                    f"{shown(classes[0])} to {shown(classes[9])}, a row each")
     if len(images) < cfg.batch_size:
-        raise UserError(f"{cfg.data_source}: only {len(images)} images, fewer than a batch of {cfg.batch_size}")
+        raise UserError(f"{cfg.data_source}: only {plural(len(images), 'image')}, "
+                        f"fewer than a batch of {cfg.batch_size}")
     y = torch.from_numpy(labels).to(device) if labels is not None else None
     return TrainingSet(torch.from_numpy(images if images.flags.writeable else images.copy()).to(device), y, classes)
 
@@ -761,9 +966,10 @@ def set_up(args, files, device, procs, log):
     if args.eval_every:
         check_evaluable(cfg.data_source, data_dir)
     load = functools.partial(load_data, cfg, data_dir, device, seed, args.conditional or cfg.conditional, log,
-                             args.quiet or not procs.main)
-    # a folder is decoded by one process per machine; the others read the cache it writes
-    data = procs.first_on_each_machine(load) if cfg.data_source == "folder" else load()
+                             args.quiet or not procs.main, exclude=(files.samples, files.params))
+    # a folder is decoded by one process per machine; the others take the cache it writes as it is
+    data = procs.first_on_each_machine(lambda: load(retry=procs.local_rank == 0)) if cfg.data_source == "folder" \
+        else load()
     run = start_run(args, fit_to_data(cfg, data, ckpt, log), seed, ckpt, device, procs, files, log)
     evaluator = Evaluator(cfg, data_dir, data.x, log) if args.eval_every and procs.main else None
     return run, data, evaluator
@@ -1378,8 +1584,9 @@ def fit_to_data(cfg, data, ckpt, log):
     """The configuration with what the data says: a new run records its image count and classes;
     a resumed one must find the classes it was trained with."""
     if ckpt is not None and data.classes != cfg.classes:
-        raise UserError(f"{cfg.folder or cfg.data_source}: the data's classes ({', '.join(data.classes) or 'none'}) "
-                        f"are not the run's ({', '.join(cfg.classes) or 'none'})")
+        raise UserError(f"{shown(cfg.folder or cfg.data_source)}: the data's classes "
+                        f"({', '.join(map(shown, data.classes)) or 'none'}) are not the run's "
+                        f"({', '.join(map(shown, cfg.classes)) or 'none'})")
     if ckpt is not None and cfg.images and len(data.x) != cfg.images:
         log(f"note: the data holds {len(data.x)} images, the run was started on {cfg.images}")
     return dataclasses.replace(cfg, images=len(data.x) if cfg.is_image else 0, classes=data.classes)
