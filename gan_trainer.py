@@ -329,9 +329,9 @@ def decode_images(folder, files, size, channels, quiet=True, log=print):
             if is_large:
                 large.append(name)
     if large:
-        log(f"note: {plural(len(large), 'image')} larger than {Image.MAX_IMAGE_PIXELS} pixels, of which Pillow warns "
-            f"(as a decompression bomb could be), {'were' if len(large) > 1 else 'was'} decoded: "
-            f"{', '.join(map(shown, large[:3]))}{', ...' if len(large) > 3 else ''}")
+        log(f"note: decoded {plural(len(large), 'image')} larger than {Image.MAX_IMAGE_PIXELS} pixels, the size Pillow "
+            f"warns of as a possible decompression bomb: {', '.join(map(shown, large[:3]))}"
+            f"{', ...' if len(large) > 3 else ''}")
     return images[:len(names)], names, skipped, again
 
 
