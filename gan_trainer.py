@@ -842,14 +842,66 @@ def metrics_line(step, run, i):
 
 # ====================================================================== the run's state
 
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """What a run does besides training, kept as its own so that a plain --resume goes on as the
+    run began: how many checkpoints it keeps, how often it scores G and with how many samples,
+    whether a collapse ends it. A flag given on --resume changes it from then on."""
+    keep: int = 3
+    eval_every: int = 0
+    samples: int = 10000
+    stop_on_collapse: bool = False
+
+    @classmethod
+    def decide(cls, args, saved=None):
+        """The flags given; else the run's own (resuming); else the defaults."""
+        given = getattr(args, "given", set())
+        base = saved or cls()
+        return cls(**{f.name: type(getattr(base, f.name))(getattr(args, f.name))
+                      if f.name in given and getattr(args, f.name) is not None else getattr(base, f.name)
+                      for f in dataclasses.fields(cls)})
+
+
+COLLAPSE_FACTOR = 2   # a score this many times its best, ...
+COLLAPSE_STREAK = 2   # ... this many evaluations in a row, is a collapse
+
+
+@dataclasses.dataclass(frozen=True)
+class Quality:
+    """The run's scores so far, as far as the best checkpoint and the collapse alarm need them:
+    the score that ranks G (lower is better), its best and where, how many evaluations in a row
+    have been far from it, and the pass evaluated last (-1: none yet)."""
+    metric: str = ""
+    best: float = 0.0
+    best_pass: int = -1
+    far_in_a_row: int = 0
+    last_pass: int = -1
+
+    def judge(self, metric, score, pass_id):
+        """(the quality after this evaluation, whether it is a new best, whether it signals a
+        collapse): the score more than COLLAPSE_FACTOR times the best for COLLAPSE_STREAK
+        evaluations in a row (said once, when the streak reaches it)."""
+        if self.best_pass < 0 or score < self.best:
+            return Quality(metric, score, pass_id, 0, pass_id), True, False
+        far = self.far_in_a_row + 1 if score > COLLAPSE_FACTOR * self.best else 0
+        return dataclasses.replace(self, far_in_a_row=far, last_pass=pass_id), False, far == COLLAPSE_STREAK
+
+
+def ranking_metric(cfg):
+    """The score that ranks a generator: the Frechet distance in the evaluation features; for
+    the uniform square, the sliced Wasserstein distance to it."""
+    return "fid" if cfg.is_image else "sliced_w1"
+
+
 class Run:
     """Everything a run is: its configuration, seed and speed options, the nets and their
     optimizers, and what the loop carries from one iteration to the next (the schedule, the
     iteration counts, the trainer logs, the fixed noise of the pictures, the position, the
     training time). state_dict() is the checkpoint; load_state_dict() continues from one."""
 
-    def __init__(self, cfg, seed, speed, device=None, processes=None):
+    def __init__(self, cfg, seed, speed, device=None, processes=None, options=None):
         self.cfg, self.seed, self.speed = cfg, seed, speed
+        self.options, self.quality = options or RunOptions(), Quality()
         self.device = torch.device(device or speed.device)
         self.processes = processes or Processes()
         # the tutorial's nets (gan_conf.py), laid out for speed (part 3: prepare_nets)
@@ -885,6 +937,7 @@ class Run:
         no_labels = torch.zeros(0, dtype=torch.int64)
         return {"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(),
                 "options": {"seed": self.seed, "speed": dataclasses.asdict(self.speed)},
+                "run_options": dataclasses.asdict(self.options), "quality": dataclasses.asdict(self.quality),
                 "generator": self.gen.state_dict(), "discriminator": self.dis.state_dict(),
                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "rng": rng_state(),
                 "pass": self.pass_id, "iteration": self.iteration, "schedule": dataclasses.asdict(self.schedule),
@@ -907,6 +960,7 @@ class Run:
             self.logs[k].load_state_dict(state)
         self.pass_id, self.iteration = resume_position(ckpt)
         self.elapsed = ckpt["elapsed"]
+        self.quality = Quality(**ckpt["quality"])
         set_rng_state(ckpt["rng"])
         self.started = time.time()
 
@@ -944,7 +998,7 @@ def train(args):
     try:
         log = Printer(args.quiet, silent=not procs.main)
         device = choose_device(args.use_gpu, procs.local_rank if procs.launched else args.gpu_id, log)
-        files = RunFiles(args.out_dir, args.data_source, args.keep, write=procs.main)
+        files = RunFiles(args.out_dir, args.data_source, RunOptions().keep, write=procs.main)  # the run's, once known
         with files.locked():
             run, data, evaluator = set_up(args, files, device, procs, log)
             if run is not None:
@@ -962,16 +1016,18 @@ def set_up(args, files, device, procs, log):
         log(f"nothing to do: the run already has {plural(cfg.passes, 'pass')} (raise --passes to go on)")
         return None, None, None
     procs.rows(cfg.batch_size)  # refuses a batch that does not divide over the processes
+    options = RunOptions.decide(args, RunOptions(**ckpt["run_options"]) if ckpt else None)
+    files.keep = options.keep
     data_dir = args.data_dir or cfg.folder or "data"
-    if args.eval_every:
+    if options.eval_every:
         check_evaluable(cfg.data_source, data_dir)
     load = functools.partial(load_data, cfg, data_dir, device, seed, args.conditional or cfg.conditional, log,
                              args.quiet or not procs.main, exclude=(files.samples, files.params))
     # a folder is decoded by one process per machine; the others take the cache it writes as it is
     data = procs.first_on_each_machine(lambda: load(retry=procs.local_rank == 0)) if cfg.data_source == "folder" \
         else load()
-    run = start_run(args, fit_to_data(cfg, data, ckpt, log), seed, ckpt, device, procs, files, log)
-    evaluator = Evaluator(cfg, data_dir, data.x, log) if args.eval_every and procs.main else None
+    run = start_run(args, fit_to_data(cfg, data, ckpt, log), seed, ckpt, options, device, procs, files, log)
+    evaluator = Evaluator(cfg, data_dir, data.x, log) if options.eval_every and procs.main else None
     return run, data, evaluator
 
 
@@ -1013,18 +1069,21 @@ def run_passes(run, data, evaluator, files, args, log):
                 else:
                     log.update(1)
             log.end_pass()
-            finish_pass(run, files, evaluator, args, log, time.time() - started, first, stopping=stop.signal)
+            if finish_pass(run, files, evaluator, args, log, time.time() - started, first, stopping=stop.signal):
+                log(f"stopped after pass {pass_id}: the run has collapsed (--stop_on_collapse 1); "
+                    f"checkpoint {files.checkpoint_path(pass_id)}, best {files.best_path()}")
+                return
             run.iteration = 0
             if procs.any(stop.signal is not None, device) and pass_id + 1 < cfg.passes:
                 stop_with_checkpoint(run, files, log, stop.signal, f"after pass {pass_id}", written=True)
 
 
-def start_run(args, cfg, seed, ckpt, device, procs, files, log):
+def start_run(args, cfg, seed, ckpt, options, device, procs, files, log):
     """The run to train, with its speed options: a new one, or the one a checkpoint continues."""
     saved = Speed(**ckpt["options"]["speed"]) if ckpt else None
     speed = Speed.decide(args, cfg, device, saved, log, procs.world)
     apply_to_process(speed)
-    run = Run(cfg, seed, speed, device, procs)
+    run = Run(cfg, seed, speed, device, procs, options)
     if ckpt is None:
         files.open_metrics()
         return run
@@ -1043,16 +1102,42 @@ def finish_pass(run, files, evaluator, args, log, seconds, first, stopping=None)
     picture, the plots and the pass's line."""
     cfg, pass_id = run.cfg, run.pass_id
     path = files.save_checkpoint(run)
-    if evaluator is not None and (pass_id + 1) % args.eval_every == 0:
-        scores = evaluator.score_generator(run, args.samples)
-        log(f"Pass={pass_id} eval: {format_scores(scores)}")
-        files.metrics.add({"pass": pass_id, "iteration": cfg.iters_per_pass, "step": (pass_id + 1) * cfg.iters_per_pass,
-                           "seconds": round(run.seconds(), 3), "eval": scores})
+    best, collapsed = False, False
+    if evaluator is not None and (pass_id + 1) % run.options.eval_every == 0:
+        best, collapsed = evaluate_pass(run, files, evaluator, log)
     picture, stats = files.save_picture(run)
-    files.draw_plots(pass_id + 1, cfg, force=pass_id + 1 == cfg.passes or stopping is not None)
+    files.draw_plots(pass_id + 1, cfg, force=pass_id + 1 == cfg.passes or stopping is not None or collapsed)
     done = cfg.iters_per_pass - first
     log(f"Pass={pass_id} done: {done} iterations in {seconds:.1f} s ({100 * seconds / max(done, 1):.2f} s per 100), "
-        f"D trained {run.steps['dis']} / G {run.steps['gen']} iterations so far{stats}; {picture}, {path}")
+        f"D trained {run.steps['dis']} / G {run.steps['gen']} iterations so far{stats}; {picture}, {path}"
+        + (f"; a new best {run.quality.metric} {run.quality.best:.4g}, kept as {files.best_path()}" if best else ""))
+    return collapsed and run.options.stop_on_collapse
+
+
+def evaluate_pass(run, files, evaluator, log):
+    """Score G after a pass; keep the checkpoint of the best score as best.pt, and notice a
+    collapse (Quality.judge). The pass's checkpoint is written again with the quality, so that
+    a resume knows the best so far. Returns (a new best, a collapse)."""
+    cfg, pass_id = run.cfg, run.pass_id
+    scores = evaluator.score_generator(run, run.options.samples)
+    log(f"Pass={pass_id} eval: {format_scores(scores)}")
+    at = {"pass": pass_id, "iteration": cfg.iters_per_pass, "step": (pass_id + 1) * cfg.iters_per_pass,
+          "seconds": round(run.seconds(), 3)}
+    files.metrics.add({**at, "eval": scores})
+    metric = ranking_metric(cfg)
+    previous = run.quality
+    run.quality, best, collapsed = previous.judge(metric, scores[metric], pass_id)
+    files.save_checkpoint(run)
+    if best:
+        files.save_best(run)
+    if collapsed:
+        files.metrics.add({**at, "collapse": {"metric": metric, "score": scores[metric], "best": previous.best,
+                                              "best_pass": previous.best_pass}})
+        log(f"Pass={pass_id} collapse: {metric} {scores[metric]:.4g} is over {COLLAPSE_FACTOR}x the best "
+            f"({previous.best:.4g}, pass {previous.best_pass}) for {COLLAPSE_STREAK} evaluations in a row; "
+            f"the best checkpoint is {files.best_path()}"
+            + ("" if run.options.stop_on_collapse else " (--stop_on_collapse 1 would end the run here)"))
+    return best, collapsed
 
 
 def stop_with_checkpoint(run, files, log, signum, where, written=False):
@@ -1112,6 +1197,14 @@ class RunFiles:
         if self.write:
             save_checkpoint(path, run.state_dict(), self.keep)
         return path
+
+    def best_path(self):
+        return self.params / BEST_CHECKPOINT
+
+    def save_best(self, run):
+        """best.pt: the checkpoint of the best score so far (never pruned: --keep counts pass_<N>.pt)."""
+        if self.write:
+            save_checkpoint(self.best_path(), run.state_dict(), keep=0)
 
     def last_good_checkpoint(self):
         found = list_checkpoints(self.params)
@@ -1231,10 +1324,14 @@ def remove_stale_temporaries(folder):
 # that torch.load(weights_only=True), PyTorch's default, reads it: loading one can never run
 # code. Every field is checked before anything uses it.
 
-CHECKPOINT_FORMAT = 2  # 1 (no "format" key): G's first batch norm per channel, a pickled NumPy state
+# 1 (no "format" key): G's first batch norm per channel, a pickled NumPy state; 2: without the
+# run's own options and its quality (read as the defaults and none yet)
+CHECKPOINT_FORMAT = 3
 CHECKPOINT_KEYS = {"format", "generator", "discriminator", "opt_g", "opt_d", "rng", "pass", "iteration",
                    "schedule", "fixed_noise", "fixed_labels", "config", "options", "trainer_logs", "steps",
-                   "elapsed"}
+                   "elapsed", "run_options", "quality"}
+FORMAT_2_KEYS = CHECKPOINT_KEYS - {"run_options", "quality"}
+BEST_CHECKPOINT = "best.pt"
 
 
 def rng_state():
@@ -1357,7 +1454,12 @@ def check_checkpoint(ckpt, path, data_source):
             raise UserError(f"{path}: not a usable checkpoint: {what}")
 
     need(isinstance(ckpt, dict), f"it holds a {type(ckpt).__name__}, not a dict")
-    if ckpt.keys() == CHECKPOINT_KEYS - {"format"}:
+    if ckpt.keys() == FORMAT_2_KEYS and ckpt["format"] == 2:  # today's format, before the run's own options
+        # its scores, if any, are in metrics.jsonl, kept on resume as before (last_pass)
+        last = ckpt["pass"] if type(ckpt["pass"]) is int else -1
+        ckpt.update(format=CHECKPOINT_FORMAT, run_options=dataclasses.asdict(RunOptions()),
+                    quality=dataclasses.asdict(Quality(last_pass=last)))
+    if ckpt.keys() == FORMAT_2_KEYS - {"format"}:
         raise UserError(f"{path}: made by an earlier version of this trainer, with an earlier architecture "
                         "(G's first batch norm per channel, now per unit as in the original): train anew")
     missing, extra = CHECKPOINT_KEYS - ckpt.keys(), ckpt.keys() - CHECKPOINT_KEYS
@@ -1409,6 +1511,21 @@ def check_checkpoint(ckpt, path, data_source):
                 for v in (log["pass_sums"], log["window_sums"])) for log in logs.values()),
         "trainer_logs must be {'dis'/'gen': {'batches': n, 'pass_sums': [cost, error], 'window_sums': [cost, error]}}")
     need(is_number(ckpt["elapsed"]), "elapsed must be a number of seconds")
+    check_fields(ckpt["run_options"], RunOptions, "run_options", need)
+    check_fields(ckpt["quality"], Quality, "quality", need)
+    quality = ckpt["quality"]
+    need(quality["metric"] in ("", ranking_metric(cfg)) and quality["far_in_a_row"] >= 0 and quality["best"] >= 0,
+         "quality holds values no run reaches")
+    need(ckpt["run_options"]["samples"] >= 2, "run_options.samples must be at least 2")
+
+
+def check_fields(d, cls, name, need):
+    """d as the fields of dataclass cls: the same names, each of its type (an int may stand for a
+    float), finite and not negative."""
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    need(has_keys(d, fields) and all(type(d[k]) is t or (t is float and type(d[k]) is int) for k, t in fields.items())
+         and all(is_number(v, -1) for v in d.values() if type(v) in (int, float)),
+         f"{name} must be {{{', '.join(f'{k}: {t.__name__}' for k, t in fields.items())}}}")
 
 
 def check_config(config, need):
@@ -1642,6 +1759,7 @@ def metrics_until(path, ckpt, log):
         raise UserError(f"cannot read {path}: {e.strerror or e}")
     kept, odd = [], 0
     saved = (ckpt["pass"], ckpt["iteration"])
+    evaluated = ckpt["quality"]["last_pass"] == ckpt["pass"]
     for line in text.splitlines():
         try:
             m = json.loads(line)
@@ -1651,7 +1769,8 @@ def metrics_until(path, ckpt, log):
         except (ValueError, TypeError, KeyError):
             odd += line.strip() != ""
             continue
-        if at < saved or ("eval" in m and at == saved):  # the evaluation after a pass belongs with its checkpoint
+        # the evaluation after a pass belongs with its checkpoint, if it was written with its quality
+        if at < saved or (("eval" in m or "collapse" in m) and at == saved and evaluated):
             kept.append(m)
     if odd:
         log(f"{path}: {odd} line{'s' * (odd > 1)} that are not metrics left out")
@@ -1663,21 +1782,55 @@ def metrics_until(path, ckpt, log):
 @torch.no_grad()
 def generate_samples(gen, noise, batch_size, generator=None, labels=None):
     """G's output for `noise` (and, conditional, `labels`), in batches of batch_size: batch norm
-    sees the batch statistics G was trained with (the last batch is topped up with extra noise,
-    and labels taken from the start). In eval mode, which changes nothing for these nets (no
-    running statistics) but keeps a batch norm over several processes to this one."""
-    out, training = [], gen.training
+    sees the batch statistics G was trained with (the last batch is topped up with extra noise).
+    In eval mode, which changes nothing for these nets (no running statistics) but keeps a
+    batch norm over several processes to this one."""
+    training = gen.training
     gen.eval()
-    for start in range(0, len(noise), batch_size):
-        z = noise[start:start + batch_size]
-        y = None if labels is None else labels[start:start + batch_size]
-        n = len(z)
-        if n < batch_size:
-            z = torch.cat([z, torch.randn(batch_size - n, z.shape[1], generator=generator).to(z.device)])
-            y = None if y is None else torch.cat([y, labels[torch.arange(batch_size - n) % len(labels)]])
-        out.append(gen(z, y)[:n])
-    gen.train(training)
-    return torch.cat(out).float()
+    try:
+        if labels is not None:
+            return among_companions(gen, noise, labels, batch_size, generator).float()
+        out = []
+        for start in range(0, len(noise), batch_size):
+            z = noise[start:start + batch_size]
+            n = len(z)
+            if n < batch_size:
+                z = torch.cat([z, torch.randn(batch_size - n, z.shape[1], generator=generator).to(z.device)])
+            out.append(gen(z)[:n])
+        return torch.cat(out).float()
+    finally:
+        gen.train(training)
+
+
+def among_companions(gen, noise, labels, batch_size, generator=None):
+    """A conditional G's output for (noise, labels), each row drawn in a batch labelled as the
+    training batches are: every class in turn (slot j of a batch holds class j mod k).
+
+    G's batch norm subtracts the batch mean, and with it whatever every row of the batch shares:
+    in a batch of one label, the label itself. So the rows asked for fill the slots of their
+    class, and the other slots get companions, fresh noise whose output is dropped. Labels that
+    cycle over the classes need no companion; a single class needs k batches per batch of it.
+    """
+    k = gen.classes
+    slots = torch.arange(batch_size) % k
+    per_batch = torch.bincount(slots, minlength=k)
+    asked = [(labels == c).nonzero().flatten().cpu() for c in range(k)]
+    batches = max(-(-len(rows) // int(n)) for rows, n in zip(asked, per_batch))
+    rank = torch.cat([torch.arange(int(n)) for n in per_batch])[slots.argsort(stable=True).argsort()]
+    companions = generator or torch.Generator().manual_seed(0)  # never the training's random stream
+    out = None
+    for b in range(batches):
+        rows = torch.tensor([asked[c][r] if r < len(asked[c]) else -1
+                             for c, r in zip(slots.tolist(), (b * per_batch[slots] + rank).tolist())])
+        z = noise[rows.clamp(min=0).to(noise.device)]
+        fill = (rows < 0).nonzero().flatten()
+        z[fill.to(z.device)] = torch.randn(len(fill), z.shape[1], generator=companions).to(z.device)
+        images = gen(z, slots.to(z.device))
+        if out is None:
+            out = images.new_empty(len(noise), *images.shape[1:])
+        keep = (rows >= 0).to(z.device)
+        out[rows[rows >= 0].to(z.device)] = images[keep]
+    return out
 
 
 def pyplot():
@@ -2381,6 +2534,39 @@ def capture_graph(fn, capture=True, warmup=2):
 
 # ====================================================================== the compiled step
 
+# The compiled step rounds differently from the eager one where it fuses operations; on the
+# first batch their relative gap, per tensor, stays far below this under every kernel choice
+# measured (tests/BENCHMARKS.md), while a miscompiled kernel is off by order one.
+COMPILED_GAP_BOUND = 1e-3
+
+
+def key_the_compile_cache():
+    """Give inductor's kernel cache a folder per torch version, CPU and kernel choice (unless
+    TORCHINDUCTOR_CACHE_DIR says where): its own keys leave out ATEN_CPU_CAPABILITY and
+    ONEDNN_MAX_CPU_ISA, so a cache made under other choices, or shared by machines of another
+    kind, would hand back kernels built for them."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    try:
+        cpu = [line for line in Path("/proc/cpuinfo").read_text().splitlines()
+               if line.startswith(("model name", "flags"))][:2]
+    except OSError:
+        cpu = []
+    key = "|".join([torch.__version__, *cpu] + [f"{v}={os.environ.get(v, '')}" for v in
+                                                ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")])
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        default_cache_dir(), "gan_trainer-" + hashlib.sha256(key.encode()).hexdigest()[:16])
+
+
+def pytree_tensors(out):
+    """The tensors in a nest of tuples, lists and dicts, in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    return [t for item in items for t in pytree_tensors(item)]
+
+
 class CompiledStep:
     """train_step as two torch.compile'd functions (--compile 1, the CPU's default for uniform).
 
@@ -2421,19 +2607,37 @@ class CompiledStep:
         for label in (REAL, FAKE):
             labels(len(x), label, x.device)
         started = time.time()
+        key_the_compile_cache()
         try:
             import torch._dynamo
             torch._dynamo.config.trace_autograd_ops = True  # torch.autograd.grad inside the graph (torch 2.14)
             self.losses_and_grads, self.dis_on_real = (torch.compile(f, fullgraph=True, dynamic=False)
                                                        for f in self.functions)
-            self.losses_and_grads(x, z, y)
-            self.dis_on_real(x, y)
+            self.gap = self.compiled_gap(x, z, y)
             self.log(f"compiled the training step in {time.time() - started:.1f} s "
                      "(torch.compile; --compile 0 runs it eagerly)")
+            if self.gap > COMPILED_GAP_BOUND:
+                self.log(f"note: the compiled step differs from the eager one by {self.gap:.2g} on the first batch "
+                         f"(float rounding stays below {COMPILED_GAP_BOUND:g}): a wrong or stale compiled kernel "
+                         f"(cache {os.environ.get('TORCHINDUCTOR_CACHE_DIR', '?')}); running eagerly, as --compile 0 does")
+                self.losses_and_grads = None
         except Exception as e:
             self.log(f"torch.compile failed ({in_one_line(e)}); running eagerly, as --compile 0 does")
             self.losses_and_grads = None
         self.ready = True
+
+    def compiled_gap(self, x, z, y):
+        """The largest relative gap between what the compiled functions and the eager ones compute
+        on this batch (the losses, D's logits and every gradient): a compiled kernel that is
+        wrong, or stale from a cache made under other kernel choices, shows here at once."""
+        def flat(out):
+            return [t.detach().double().flatten() for t in pytree_tensors(out)]
+        gap = 0.0
+        for compiled, eager, inputs in ((self.losses_and_grads, self.functions[0], (x, z, y)),
+                                        (self.dis_on_real, self.functions[1], (x, y))):
+            for a, b in zip(flat(compiled(*inputs)), flat(eager(*inputs))):
+                gap = max(gap, ((a - b).norm() / b.norm().clamp(min=1e-12)).item())
+        return gap
 
     def __call__(self, x, z, schedule, y=None):
         if not self.ready:
@@ -2521,6 +2725,10 @@ class AdjointConvTranspose(torch.autograd.Function):
 
 def load_generator(args, device):
     params_dir = Path(args.out_dir) / f"{args.data_source}_params"
+    if args.params == "best":
+        args.params = params_dir / BEST_CHECKPOINT
+        if not args.params.exists():
+            raise UserError(f"no best checkpoint ({args.params}): a run keeps one when it trains with --eval_every K")
     ckpt = load_checkpoint(args.params or params_dir, args.data_source)
     cfg = config_from_checkpoint(ckpt)
     gen, _ = build_nets(cfg)
@@ -2858,10 +3066,15 @@ def build_parser():
     g.add_argument("--out_dir", default=".", help="where <d>_samples/ and <d>_params/ go")
     g.add_argument("--resume", nargs="?", const="", metavar="PATH",
                    help="continue from PATH, or without PATH from the newest checkpoint in <d>_params")
-    g.add_argument("--keep", type=non_negative_int, default=3, metavar="K", help="checkpoints to keep (newest); 0 keeps all")
+    g.add_argument("--keep", type=non_negative_int, default=3, metavar="K",
+                   help="checkpoints to keep (newest; best.pt is kept besides); 0 keeps all; with --resume: the run's own")
     g.add_argument("--quiet", action="store_true", help="no progress bar (log lines still print)")
     g.add_argument("--eval_every", type=non_negative_int, default=0, metavar="K",
-                   help="score the generator every K passes (0: never); see --evaluate")
+                   help="score the generator every K passes (0: never), keeping the best as <d>_params/best.pt; "
+                        "see --evaluate; with --resume: the run's own")
+    g.add_argument("--stop_on_collapse", type=int, choices=[0, 1], default=0,
+                   help="1: end the run (with its checkpoint) when --eval_every sees it collapse; "
+                        "with --resume: the run's own")
     r = p.add_argument_group("opt-in remedies (defaults: the tutorial's nets)")
     r.add_argument("--d_batch_norm", type=int, choices=[0, 1], help="0: D without batch norm (default 1)")
     r.add_argument("--hidden_dim", type=positive_int, metavar="N", help="uniform: width of both nets (10)")
@@ -2882,14 +3095,16 @@ def build_parser():
     a.add_argument("--generate", type=positive_int, metavar="N", help="write N samples to FILE.npy and FILE.png, then exit")
     a.add_argument("--evaluate", action="store_true", help="score the trained generator, then exit")
     a.add_argument("--samples", type=functools.partial(int_in_range, low=2), default=10000, metavar="N", help="samples for --evaluate / --eval_every")
-    a.add_argument("--params", metavar="PATH", help="checkpoint to use (default: the newest in <d>_params)")
+    a.add_argument("--params", metavar="PATH",
+                   help="checkpoint to use (default: the newest in <d>_params; best: <d>_params/best.pt)")
     a.add_argument("--output", metavar="FILE", help="output name for --generate (default: <d>_samples/generated)")
     a.add_argument("--label", metavar="K", help="--generate with a conditional G: class K (an index or a name); "
                                                  "without it the labels cycle over the classes")
     return p
 
 
-TRAINING_ONLY = ("passes", "iters", "batch_size", "lr", "resume", "keep", "quiet", "eval_every", "d_batch_norm",
+TRAINING_ONLY = ("passes", "iters", "batch_size", "lr", "resume", "keep", "quiet", "eval_every", "stop_on_collapse",
+                 "d_batch_norm",
                  "hidden_dim", "g_sigmoid", "bf16", "threads", "channels_last", "cuda_graphs", "compile",
                  "image_size", "channels", "conditional")
 
@@ -2979,7 +3194,8 @@ def main(argv=None):
     try:
         with signals_interrupt():
             args = build_parser().parse_args(argv)
-            check_flags_apply(args, given_flags(sys.argv[1:] if argv is None else argv))
+            args.given = given_flags(sys.argv[1:] if argv is None else argv)
+            check_flags_apply(args, args.given)
             if (args.generate is not None or args.evaluate) and torchrun_rank():
                 raise UserError(f"{'--generate' if args.generate is not None else '--evaluate'} runs in one "
                                 "process: start it with python, not torchrun")

@@ -46,8 +46,11 @@ def assert_same_run(single_dir, multi_dir, source, passes):
     for m1, m2 in zip(one, two):
         assert (m1["pass"], m1["iteration"], m1["trained"], m1["strike"], m1["d_share"]) == \
                (m2["pass"], m2["iteration"], m2["trained"], m2["strike"], m2["d_share"])
+        # before any update only the sums' order differs; after updates, Adam's drift (above).
+        # Bounds: about 10x the largest gaps measured under four kernel settings (tests/BENCHMARKS.md)
+        rel = 1e-5 if m1["step"] == 0 else 2e-3
         for key in ("d_pos_loss", "d_neg_loss", "g_loss", "d_real", "d_fake"):
-            assert m2[key] == pytest.approx(m1[key], rel=1e-4), (m1["pass"], m1["iteration"], key)
+            assert m2[key] == pytest.approx(m1[key], rel=rel), (m1["pass"], m1["iteration"], key)
     a, b = (torch.load(p / f"pass_{passes - 1}.pt") for p in params)
     assert a["steps"] == b["steps"] and a["schedule"] == b["schedule"]
     gaps = {net: parameter_gap(a, b, net) for net in ("generator", "discriminator")}

@@ -66,7 +66,8 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path
 def test_a_checkpoint_of_an_earlier_version_is_refused_as_such(uniform_run, tmp_path, capsys):
     """Earlier versions pickled NumPy's random state (and had G's first batch norm per channel)."""
     old = torch.load(uniform_run.params("uniform") / "pass_1.pt")
-    del old["format"]
+    for key in ("format", "run_options", "quality"):  # what format 1 lacked
+        del old[key]
     old["rng"]["numpy"] = np.random.get_state()  # a tuple holding a NumPy array, as they wrote it
     out, _ = checkpoint_in(tmp_path, old)
     refused(out, capsys, "generate", "refused", "earlier versions", "numpy")
@@ -102,7 +103,8 @@ ODD = {  # name: (path to the field, new value or a function of the old one, wha
     "top level a list": ((), None, "holds a list"),
     "missing key": (("schedule",), DELETE, "missing schedule"),
     "extra key": (("surprise",), 1, "unexpected surprise"),
-    "other format": (("format",), 3, "format 3"),
+    "other format": (("format",), 4, "format 4"),
+    "format 2 with the newer fields": (("format",), 2, "format 2, this trainer reads 3"),
     "format a tensor": (("format",), torch.tensor([2, 2]), "format"),
     "data source a list": (("config", "data_source"), ["uniform"], "config.data_source"),
     "sample shape a string": (("config", "sample_shape"), "2", "config.sample_shape"),
