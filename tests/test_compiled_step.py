@@ -119,3 +119,23 @@ def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch, when):
     assert code == 0, err
     assert_same_training_state(torch.load(tmp_path / "broken" / "uniform_params" / "pass_0.pt", weights_only=False),
                                torch.load(tmp_path / "eager" / "uniform_params" / "pass_0.pt", weights_only=False))
+
+
+def test_a_miscompiled_step_is_caught_on_the_first_batch_and_the_run_goes_on_eagerly(tmp_path, monkeypatch):
+    """A compiled kernel that computes wrong numbers (stale in a cache made under other kernel
+    choices, say) differs from the eager step on the first batch: the run says so in one line
+    and trains eagerly, the very numbers of --compile 0."""
+    def miscompiled(fn, **kwargs):
+        def call(*args):
+            return [t * 1.5 if isinstance(t, torch.Tensor) else t for t in fn(*args)]  # D's logits, losses off
+        return call
+
+    monkeypatch.setattr(torch, "compile", miscompiled)
+    code, out, err = train([*UNIFORM, "--passes", 1, "--compile", 1], tmp_path / "wrong")
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if "differs from the eager one" in line]
+    assert len(notes) == 1 and "running eagerly, as --compile 0 does" in notes[0], out
+    code, _, err = train([*UNIFORM, "--passes", 1, "--compile", 0], tmp_path / "eager")
+    assert code == 0, err
+    assert_same_training_state(torch.load(tmp_path / "wrong" / "uniform_params" / "pass_0.pt", weights_only=False),
+                               torch.load(tmp_path / "eager" / "uniform_params" / "pass_0.pt", weights_only=False))
