@@ -899,9 +899,10 @@ class RunFiles:
     def __init__(self, out_dir, data_source, keep, write=True):
         """write=False: a process of several that is not rank 0, which writes nothing."""
         self.write = write
-        self.made = missing_folders(output_dirs(out_dir, data_source, make=False)) if write else []
+        self.samples, self.params = output_dirs(out_dir, data_source, make=False)
+        self.made = missing_folders((self.samples, self.params)) if write else []
         try:
-            self.samples, self.params = output_dirs(out_dir, data_source, make=write)
+            output_dirs(out_dir, data_source, make=write)
         except UserError:
             self.remove_unused_folders()
             raise
@@ -924,15 +925,19 @@ class RunFiles:
                 raise
 
     def remove_unused_folders(self):
-        """The folders this run made (deepest first) that hold nothing but what its start left:
-        the lock, and a metrics.jsonl without a line."""
-        for folder in self.made:
-            with contextlib.suppress(OSError):
-                left = list(folder.iterdir())
-                if all(p.name == ".lock" or (p.name == "metrics.jsonl" and p.stat().st_size == 0) for p in left):
-                    for p in left:
-                        p.unlink()
-                    folder.rmdir()
+        """The folders this run made, if it wrote nothing in them: nothing but what its start left
+        (the lock, a metrics.jsonl without a line). Deepest first, so a parent it made goes too."""
+        def left_by_the_start(p):
+            return p.name == ".lock" or (p.name == "metrics.jsonl" and p.stat().st_size == 0)
+        with contextlib.suppress(OSError):
+            made = [d for d in self.made if d.is_dir()]  # a failed start may not have made them all
+            if not all(left_by_the_start(p) for d in (self.samples, self.params) if d in made for p in d.iterdir()):
+                return
+            if self.params in made:
+                for p in self.params.iterdir():
+                    p.unlink()
+            for folder in made:
+                folder.rmdir()  # a parent holding anything else stays, and so do those above it
 
     def open_metrics(self, kept=()):
         self.metrics = MetricsLog(self.params / "metrics.jsonl", kept, self.write)

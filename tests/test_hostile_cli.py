@@ -96,7 +96,8 @@ def loss_line(**fields):
     loss_line(step=-1e308),
     loss_line(d_share=10 ** 400),
     loss_line(step="1"),
-], ids=["nested", "nested_field", "text", "null", "inf", "nan", "beyond_float32", "step_float", "huge_int", "step_text"])
+], ids=["nested", "nested_field", "text", "null", "inf", "nan", "beyond_float32", "step_float", "huge_int",
+        "step_text"])
 def test_metrics_lines_whose_losses_are_not_plottable_are_left_out(tmp_path, odd):
     """Left out like other odd lines; what a run can write is kept (its extremes too: float32
     losses, a share, a step count), and drawn."""
@@ -187,6 +188,13 @@ def test_a_failed_start_removes_the_folders_it_made_and_only_those(tmp_path, cap
     code, out, err = run_main([*missing_data, "--out_dir", mine], capsys)
     assert_one_line_error(code, err, "get_mnist_data.sh")
     assert [p.name for p in mine.iterdir()] == ["mnist_samples"]  # the user's empty folder stays
+    # a folder that cannot be made: the one made before it goes
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "mnist_params").write_text("a file where the folder should be")
+    code, out, err = run_main([*missing_data, "--out_dir", blocked], capsys)
+    assert_one_line_error(code, err, "cannot write outputs under")
+    assert [p.name for p in blocked.iterdir()] == ["mnist_params"]
     # a run that wrote something before it failed keeps it: --lr 1e38 makes the second iteration's
     # loss non-finite, after the first one's metrics line
     code, out, err = run_main(["-d", "uniform", "--use_gpu", 0, "--quiet", "--lr", "1e38", "--passes", 1,
