@@ -89,30 +89,46 @@ def in_one_line(e, most=200):
 
 # ====================================================================== data
 
+MOST_IDX_ITEMS = 10 ** 7  # far more than any MNIST file holds (60,000): a header that says more is not MNIST's
+REFETCH = f"fetch it again with {MNIST_SCRIPT}"
+
+
 def read_idx(path, magic, item_shape):
-    """An IDX file (optionally gzipped) as a uint8 array of shape (n, *item_shape)."""
+    """An IDX file (optionally gzipped) as a uint8 array of shape (n, *item_shape). The header is
+    read first, then at most the data it announces and one byte more: a file that unpacks to far
+    more (a gzip bomb) is never read whole."""
     path = Path(path)
     try:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
-            raw = f.read()
+            shape = check_idx_header(path, f.read(4 + 4 * (len(item_shape) + 1)), magic, item_shape)
+            size = math.prod(shape)
+            raw = f.read(size + 1)
     except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-        raise UserError(f"{path}: cannot read ({in_one_line(e)}); fetch it again with {MNIST_SCRIPT}")
-    dims = len(item_shape) + 1
-    header = 4 + 4 * dims
-    if len(raw) < header:
-        raise UserError(f"{path}: truncated IDX file ({len(raw)} bytes, shorter than its header)")
-    found = int.from_bytes(raw[:4], "big")
-    if found != magic:
-        raise UserError(f"{path}: not an IDX file of this kind (magic number {found}, expected {magic})")
-    shape = [int.from_bytes(raw[4 + 4 * k:8 + 4 * k], "big") for k in range(dims)]
-    if tuple(shape[1:]) != tuple(item_shape):
-        raise UserError(f"{path}: items of shape {tuple(shape[1:])}, expected {tuple(item_shape)}")
-    size = math.prod(shape)
-    if len(raw) - header != size:
+        raise UserError(f"{path}: cannot read ({in_one_line(e)}); {REFETCH}")
+    if len(raw) != size:
+        holds = "more" if len(raw) > size else len(raw)
         raise UserError(f"{path}: truncated or padded IDX file: header says {shape[0]} items "
-                        f"({size} bytes of data), file holds {len(raw) - header}")
-    return np.frombuffer(raw, np.uint8, size, header).reshape(shape)
+                        f"({size} bytes of data), file holds {holds}; {REFETCH}")
+    return np.frombuffer(raw, np.uint8).reshape(shape)
+
+
+def check_idx_header(path, header, magic, item_shape):
+    """The shape an IDX header announces, checked against what the file should hold (a gzip
+    stream damaged early can unpack to a wrong header before zlib notices)."""
+    dims = len(item_shape) + 1
+    if len(header) < 4 + 4 * dims:
+        raise UserError(f"{path}: truncated IDX file ({len(header)} bytes, shorter than its header); {REFETCH}")
+    found = int.from_bytes(header[:4], "big")
+    if found != magic:
+        raise UserError(f"{path}: not an IDX file of this kind (magic number {found}, expected {magic}); {REFETCH}")
+    shape = [int.from_bytes(header[4 + 4 * k:8 + 4 * k], "big") for k in range(dims)]
+    if tuple(shape[1:]) != tuple(item_shape):
+        raise UserError(f"{path}: items of shape {tuple(shape[1:])}, expected {tuple(item_shape)}; {REFETCH}")
+    if shape[0] > MOST_IDX_ITEMS:
+        raise UserError(f"{path}: its header says {shape[0]} items, more than an MNIST file holds "
+                        f"(at most {MOST_IDX_ITEMS}); {REFETCH}")
+    return shape
 
 
 def find_mnist_file(data_dir, name):
@@ -1012,8 +1028,10 @@ def set_up(args, files, device, procs, log):
     """The run (new, or the one --resume continues), its data and its evaluator; no run when
     the run has all its passes already."""
     cfg, seed, ckpt = configure_run(args, files.params, procs, device)
-    if ckpt is not None and resume_position(ckpt)[0] >= cfg.passes:
-        log(f"nothing to do: the run already has {plural(cfg.passes, 'pass')} (raise --passes to go on)")
+    done = resume_position(ckpt)[0] if ckpt is not None else 0
+    if ckpt is not None and done >= cfg.passes:
+        more = f", more than --passes {cfg.passes}" if done > cfg.passes else ""
+        log(f"nothing to do: the run already has {plural(done, 'pass')}{more} (raise --passes to go on)")
         return None, None, None
     procs.rows(cfg.batch_size)  # refuses a batch that does not divide over the processes
     options = RunOptions.decide(args, RunOptions(**ckpt["run_options"]) if ckpt else None)
@@ -1172,19 +1190,45 @@ class RunFiles:
     def __init__(self, out_dir, data_source, keep, write=True):
         """write=False: a process of several that is not rank 0, which writes nothing."""
         self.write = write
-        self.samples, self.params = output_dirs(out_dir, data_source, make=write)
+        self.samples, self.params = output_dirs(out_dir, data_source, make=False)
+        self.made = missing_folders((self.samples, self.params)) if write else []
+        try:
+            output_dirs(out_dir, data_source, make=write)
+        except UserError:
+            self.remove_unused_folders()
+            raise
         self.keep, self.metrics, self.plotted = keep, None, time.time()
 
     @contextlib.contextmanager
     def locked(self):
-        """The run's hold on its folders (lock_run_folder); what a killed run left half-written goes."""
+        """The run's hold on its folders (lock_run_folder); what a killed run left half-written goes,
+        and so do the folders this run made, if it ends before it wrote anything in them."""
         if not self.write:
             yield
             return
         with lock_run_folder(self.params):
             for folder in (self.params, self.samples):
                 remove_stale_temporaries(folder)
-            yield
+            try:
+                yield
+            except BaseException:
+                self.remove_unused_folders()  # while the lock is held: no other run is starting there
+                raise
+
+    def remove_unused_folders(self):
+        """The folders this run made, if it wrote nothing in them: nothing but what its start left
+        (the lock, a metrics.jsonl without a line). Deepest first, so a parent it made goes too."""
+        def left_by_the_start(p):
+            return p.name == ".lock" or (p.name == "metrics.jsonl" and p.stat().st_size == 0)
+        with contextlib.suppress(OSError):
+            made = [d for d in self.made if d.is_dir()]  # a failed start may not have made them all
+            if not all(left_by_the_start(p) for d in (self.samples, self.params) if d in made for p in d.iterdir()):
+                return
+            if self.params in made:
+                for p in self.params.iterdir():
+                    p.unlink()
+            for folder in made:
+                folder.rmdir()  # a parent holding anything else stays, and so do those above it
 
     def open_metrics(self, kept=()):
         self.metrics = MetricsLog(self.params / "metrics.jsonl", kept, self.write)
@@ -1253,6 +1297,12 @@ def output_dirs(out_dir, data_source, make=True):
     except OSError as e:
         raise UserError(f"cannot write outputs under {out_dir}: {e.strerror or e}")
     return samples, params
+
+
+def missing_folders(folders):
+    """Those of `folders` and of their parents that do not exist yet, deepest first."""
+    missing = {p for f in folders for p in (f, *f.parents) if not os.path.exists(p)}
+    return sorted(missing, key=lambda p: len(p.parts), reverse=True)
 
 
 @contextlib.contextmanager
@@ -1420,7 +1470,7 @@ def load_checkpoint(path, data_source, flag="--params"):
     ckpt = read_checkpoint(path)
     try:
         check_checkpoint(ckpt, path, data_source)
-    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError, IndexError) as e:
+    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError, IndexError, OverflowError) as e:
         # a combination of odd values that the checks did not foresee: still one line
         raise UserError(f"{path}: not a usable checkpoint: odd content ({in_one_line(e, most=100)})")
     ckpt["path"] = path
@@ -1646,12 +1696,16 @@ def load_resume_checkpoint(args, params_dir):
     cfg = config_from_checkpoint(ckpt)
     kept = [(flag, getattr(args, arg), getattr(cfg, field)) for flag, arg, field in RESUME_KEEPS]
     kept += [("--seed", args.seed, ckpt["options"]["seed"]),
-             ("--image_size", args.image_size, cfg.sample_shape[-1]),
+             ("--image_size", args.image_size, cfg.sample_shape[-1] if cfg.is_image else None),
              ("--channels", args.channels, cfg.sample_shape[0] if cfg.is_image else None),
              ("--data_dir", args.data_dir and cfg.folder and str(Path(args.data_dir).resolve()), cfg.folder)]
     for flag, given, run_value in kept:
+        if given is not None and run_value is None:
+            raise UserError(f"{flag} does not apply to this {cfg.data_source} run: it learns points, not images")
         if given is not None and type(run_value)(given) != run_value:
-            raise UserError(f"{flag} {given} differs from the run's {run_value}: a resumed run keeps its "
+            # as the flag spells it: a run's True is --conditional 1
+            spelled = int(run_value) if type(run_value) is bool else run_value
+            raise UserError(f"{flag} {given} differs from the run's {spelled}: a resumed run keeps its "
                             "configuration (a new run, in another --out_dir, can change it)")
     return ckpt
 
@@ -1764,17 +1818,27 @@ def metrics_until(path, ckpt, log):
         try:
             m = json.loads(line)
             at = (m["pass"], m["iteration"])
-            if not all(is_int(v) for v in at):
+            if not all(is_int(v) for v in at) or ("d_loss" in m and not plottable(m)):
                 raise TypeError
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, RecursionError, OverflowError):  # deeply nested; ints beyond floats
             odd += line.strip() != ""
             continue
         # the evaluation after a pass belongs with its checkpoint, if it was written with its quality
         if at < saved or (("eval" in m or "collapse" in m) and at == saved and evaluated):
             kept.append(m)
     if odd:
-        log(f"{path}: {odd} line{'s' * (odd > 1)} that are not metrics left out")
+        log(f"{path}: {plural(odd, 'line')} that {'is' if odd == 1 else 'are'} not metrics left out")
     return kept
+
+
+LOSSES = ("d_pos_loss", "d_neg_loss", "d_loss", "g_loss")
+
+
+def plottable(m):
+    """Whether a loss line holds what plot_losses draws, in the ranges a run writes (float32
+    cross-entropies, a share, a step count): the plot's axes cannot span what lies beyond."""
+    return (is_int(m.get("step"), 0, 2 ** 63 - 1) and is_number(m.get("d_share"), 0.0, 1.0)
+            and all(is_number(m.get(k), 0.0, torch.finfo(torch.float32).max) for k in LOSSES))
 
 
 # ====================================================================== pictures and plots
@@ -1834,7 +1898,10 @@ def among_companions(gen, noise, labels, batch_size, generator=None):
 
 
 def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (imported on first use: it is slow to load)."""
+    """matplotlib's pyplot on the file-only Agg backend (imported on first use: it is slow to load).
+    Its warnings go unsaid: one that its config folder is unusable (it takes a temporary one
+    instead) would put lines of its own among the run's."""
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1883,7 +1950,7 @@ def plot_losses(metrics, path):
     metrics = [m for m in metrics if "d_loss" in m]  # leave out the evaluation lines
     x = [m["step"] for m in metrics]
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
-    for key in ("d_pos_loss", "d_neg_loss", "d_loss", "g_loss"):
+    for key in LOSSES:
         ax.plot(x, [m[key] for m in metrics], label=key, lw=1)
     ax.axhline(math.log(2), color="k", ls="--", lw=0.8, label="-log(0.5)")
     ax.set(ylabel="cross-entropy")
@@ -2096,21 +2163,30 @@ class Speed:
                 if getattr(other, k) != v]
 
 
+BF16_SPEEDUP = {  # tests/BENCHMARKS.md: mnist's same-run ratios to fp32 on each kind of CPU
+    "amx_bf16": "with AMX: --bf16 1 trains the image nets about 1.85x faster",
+    "avx512_bf16": "with AVX512-BF16 (no AMX): --bf16 1 trains the image nets about 1.4x faster",
+}
+
+
 def bf16_hint(run):
     """A line for runs that could take bf16's speed: image nets in fp32 on a CPU with bf16
     arithmetic (AVX512-BF16 or AMX). The default stays the tutorial's fp32."""
-    if run.speed.device == "cpu" and run.cfg.is_image and not run.speed.bf16 and cpu_computes_bf16():
-        return ("note: this CPU computes bf16 natively: --bf16 1 trains the image nets about 1.4x faster "
-                "with the same measured quality (tests/BENCHMARKS.md); the default is the tutorial's fp32")
+    kind = run.speed.device == "cpu" and run.cfg.is_image and not run.speed.bf16 and cpu_computes_bf16()
+    if kind:
+        return (f"note: this CPU computes bf16 natively {BF16_SPEEDUP[kind]} with the same measured quality "
+                "(tests/BENCHMARKS.md); the default is the tutorial's fp32")
     return None
 
 
-def cpu_computes_bf16():
-    """Whether the CPU has bf16 arithmetic instructions, as Linux reports them."""
+def cpu_computes_bf16(cpuinfo="/proc/cpuinfo"):
+    """The CPU's bf16 arithmetic as Linux reports it: "amx_bf16" (AMX's matrix tiles),
+    "avx512_bf16" (the vector instructions alone), or None."""
     try:
-        return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", Path("/proc/cpuinfo").read_text()))
+        flags = set(re.findall(r"\b(avx512_bf16|amx_bf16)\b", Path(cpuinfo).read_text()))
     except OSError:
-        return False
+        return None
+    return "amx_bf16" if "amx_bf16" in flags else "avx512_bf16" if flags else None
 
 
 def apply_to_process(speed):
@@ -2790,14 +2866,24 @@ def sample_labels(cfg, n, label=None):
         return None
     if label is None:
         return torch.arange(n) % len(cfg.classes)
-    if label in cfg.classes:
-        index = cfg.classes.index(label)
-    elif label.isdigit() and int(label) < len(cfg.classes):
-        index = int(label)
-    else:
-        raise UserError(f"--label {label}: not a class of this generator: 0-{len(cfg.classes) - 1} or "
-                        f"{', '.join(cfg.classes[:12])}{', ...' if len(cfg.classes) > 12 else ''}")
-    return torch.full((n,), index)
+    return torch.full((n,), class_index(label, cfg.classes))
+
+
+def class_index(label, classes, log=write_stdout):
+    """The class --label K names: a class name, else an index (ASCII digits: str.isdigit() also
+    takes characters such as '²' that int() refuses). A name wins; where K is also the index of
+    another class, one line says which was taken."""
+    as_index = int(label) if re.fullmatch(r"[0-9]{1,18}", label) and int(label) < len(classes) else None
+    if label in classes:
+        index = classes.index(label)
+        if as_index is not None and as_index != index:
+            log(f"--label {label}: the class named '{label}' (index {index}), not the class at index {as_index} "
+                f"('{classes[as_index]}')")
+        return index
+    if as_index is None:
+        raise UserError(f"--label {label}: not a class of this generator: 0-{len(classes) - 1} or "
+                        f"{', '.join(classes[:12])}{', ...' if len(classes) > 12 else ''}")
+    return as_index
 
 
 def evaluate(args):
@@ -3011,8 +3097,12 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+MOST = 10 ** 9  # counts (passes, iterations, samples, ...): beyond any run, and far from overflowing torch's sizes
+MOST_IMAGE_SIZE = 4096  # far beyond what the tutorial's nets are for: G's first layer grows as the square of it
+
+
 def positive_int(text):
-    return int_in_range(text, 1)
+    return int_in_range(text, 1, MOST)
 
 
 def positive_float(text):
@@ -3026,7 +3116,7 @@ def positive_float(text):
 
 
 def non_negative_int(text):
-    return int_in_range(text, 0)
+    return int_in_range(text, 0, MOST)
 
 
 def int_in_range(text, low, high=None):
@@ -3045,11 +3135,11 @@ def build_parser():
                       formatter_class=HelpFormatter)
     p.add_argument("-d", "--data_source", required=True, choices=sorted(CONFIGS), help="what to learn")
     p.add_argument("--use_gpu", default="1", choices=["0", "1"], help="train on a GPU when CUDA is available")
-    p.add_argument("--gpu_id", default=0, type=non_negative_int, help="which GPU")
+    p.add_argument("--gpu_id", default=0, type=functools.partial(int_in_range, low=0, high=1023), help="which GPU")
     g = p.add_argument_group("training (defaults: the tutorial's, per data source)")
     g.add_argument("--passes", type=positive_int, help="total passes (100); with --resume, the run's new total")
     g.add_argument("--iters", type=positive_int, help="iterations per pass (10000 uniform, 1000 images)")
-    g.add_argument("--batch_size", type=functools.partial(int_in_range, low=2),
+    g.add_argument("--batch_size", type=functools.partial(int_in_range, low=2, high=10 ** 6),
                    help="batch size (128; at least 2, for batch norm)")
     g.add_argument("--lr", type=positive_float, help="Adam learning rate (1e-4 uniform, 2e-4 images)")
     g.add_argument("--seed", type=functools.partial(int_in_range, low=0, high=2 ** 32 - 1),
@@ -3057,8 +3147,9 @@ def build_parser():
     g.add_argument("--data_dir", metavar="PATH",
                    help="folder holding mnist_data/ and cifar-10-batches-py/ (default: data); for -d folder, "
                         "the folder of images (required)")
-    g.add_argument("--image_size", type=functools.partial(int_in_range, low=1), metavar="S",
-                   help="-d folder: images are resized and centre-cropped to S x S (default 64)")
+    g.add_argument("--image_size", type=functools.partial(int_in_range, low=1, high=MOST_IMAGE_SIZE), metavar="S",
+                   help=f"-d folder: images are resized and centre-cropped to S x S, 8 to {MOST_IMAGE_SIZE} "
+                        "(default 64)")
     g.add_argument("--channels", type=int, choices=[1, 3], help="-d folder: 1 (grey) or 3 (RGB; the default)")
     g.add_argument("--conditional", type=int, choices=[0, 1],
                    help="1: G and D see the class of each image (mnist, cifar, or a folder with one subfolder "
@@ -3077,12 +3168,13 @@ def build_parser():
                         "with --resume: the run's own")
     r = p.add_argument_group("opt-in remedies (defaults: the tutorial's nets)")
     r.add_argument("--d_batch_norm", type=int, choices=[0, 1], help="0: D without batch norm (default 1)")
-    r.add_argument("--hidden_dim", type=positive_int, metavar="N", help="uniform: width of both nets (10)")
+    r.add_argument("--hidden_dim", type=functools.partial(int_in_range, low=1, high=10 ** 6), metavar="N",
+                   help="uniform: width of both nets (10)")
     r.add_argument("--g_sigmoid", type=int, choices=[0, 1], help="uniform: 1: G ends in a sigmoid (default 0)")
     s = p.add_argument_group("speed (none changes what is computed beyond float rounding, except --bf16)")
     s.add_argument("--bf16", type=int, choices=[0, 1],
                    help="bfloat16 autocast for the nets (default 0; with --resume: the run's own)")
-    s.add_argument("--threads", type=non_negative_int, default=0, metavar="N",
+    s.add_argument("--threads", type=functools.partial(int_in_range, low=0, high=1024), default=0, metavar="N",
                    help="CPU threads (0: 1 for uniform, torch's default for images)")
     s.add_argument("--channels_last", type=int, choices=[0, 1],
                    help="channels-last memory layout for the image nets (default: 1 on the CPU, 0 on a GPU; "
@@ -3094,7 +3186,7 @@ def build_parser():
     a = p.add_argument_group("applying a trained generator")
     a.add_argument("--generate", type=positive_int, metavar="N", help="write N samples to FILE.npy and FILE.png, then exit")
     a.add_argument("--evaluate", action="store_true", help="score the trained generator, then exit")
-    a.add_argument("--samples", type=functools.partial(int_in_range, low=2), default=10000, metavar="N", help="samples for --evaluate / --eval_every")
+    a.add_argument("--samples", type=functools.partial(int_in_range, low=2, high=MOST), default=10000, metavar="N", help="samples for --evaluate / --eval_every")
     a.add_argument("--params", metavar="PATH",
                    help="checkpoint to use (default: the newest in <d>_params; best: <d>_params/best.pt)")
     a.add_argument("--output", metavar="FILE", help="output name for --generate (default: <d>_samples/generated)")
@@ -3145,7 +3237,15 @@ def out_of_memory(e):
     if isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))):
         return in_one_line(e)
     found = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", str(e))
-    return f"{int(found.group(1)) / 2 ** 30:.1f} GiB could not be allocated" if found else None
+    return f"{in_binary_units(int(found.group(1)))} could not be allocated" if found else None
+
+
+def in_binary_units(n):
+    """A number of bytes as "3.2 GiB", "12.5 MiB", "800.0 KiB" or "512 bytes"."""
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return plural(n, "byte")
 
 
 def rank_0():
@@ -3220,7 +3320,7 @@ def main(argv=None):
         if not out_of_memory(e):
             raise
         report_failure(f"gan_trainer.py: error{torchrun_rank()}: out of memory: {out_of_memory(e)}; ask for less "
-                       "(--generate N, --samples N, --batch_size, --hidden_dim)")
+                       "(--generate N, --samples N, --batch_size, --hidden_dim, --image_size)")
         return 1
     return 0
 

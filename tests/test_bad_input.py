@@ -286,7 +286,7 @@ def test_resume_refuses_flags_that_would_change_the_run(uniform_run, tmp_path, c
     for flag, value, says in (("--lr", 0.1, "--lr 0.1 differs from the run's 0.0001"),
                               ("--batch_size", 32, "--batch_size 32 differs from the run's 16"),
                               ("--seed", 9, "--seed 9 differs from the run's 1"),
-                              ("--g_sigmoid", 1, "--g_sigmoid 1 differs from the run's False")):
+                              ("--g_sigmoid", 1, "--g_sigmoid 1 differs from the run's 0")):
         code, _, err = run_main(["-d", "uniform", "--use_gpu", 0, "--out_dir", out, "--resume", "--passes", 3,
                                  flag, value], capsys)
         assert_one_line_error(code, err, says, "keeps its")

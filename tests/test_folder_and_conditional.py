@@ -304,7 +304,7 @@ def test_a_conditional_run_resumes_bit_for_bit(tmp_path, capsys):
     assert all(torch.equal(a["discriminator"][k], b["discriminator"][k]) for k in a["discriminator"])
     code, _, err = run_main(["-d", "mnist", "--resume", "--passes", 3, "--conditional", 0, "--use_gpu", 0,
                              "--data_dir", data, "--out_dir", tmp_path / "split"], capsys)
-    assert_one_line_error(code, err, "--conditional 0 differs from the run's True")
+    assert_one_line_error(code, err, "--conditional 0 differs from the run's 1")
 
 
 def test_the_checkpoint_of_a_conditional_run_is_checked_too(tmp_path, capsys):

@@ -295,7 +295,7 @@ def test_freed_tensor_memory_is_kept_for_reuse():
 def test_a_cpu_with_bf16_arithmetic_hears_of_bf16_once(tmp_path, capsys, monkeypatch, native, bf16, hinted):
     """Image nets in fp32 on a CPU with AVX512-BF16 or AMX: one line says --bf16 1 is faster with
     the same measured quality; the default stays fp32."""
-    monkeypatch.setattr(gan_trainer, "cpu_computes_bf16", lambda: native)
+    monkeypatch.setattr(gan_trainer, "cpu_computes_bf16", lambda: native and "avx512_bf16")
     data = make_mnist_dir(tmp_path / "data", n=40)
     code, out, err = run_main(["-d", "mnist", "--use_gpu", 0, "--passes", 1, "--iters", 1, "--batch_size", 8,
                                "--data_dir", data, "--out_dir", tmp_path / "out", "--quiet", "--bf16", bf16], capsys)
