@@ -255,3 +255,39 @@ class DigitClassifier(nn.Module):
 
     def forward(self, x):
         return self.head(self.features(x))
+
+
+class FeatureNet(nn.Module):
+    """The evaluation features of cifar and of a folder, trained on the data itself: a small
+    conv trunk (`features`, 128-d) for any channels and size (images larger than 32 x 32 are
+    averaged down to it first: the trunk's cost stays that of a 32 x 32 image), and a `head`
+    for its task: the classes where there are labels, else the rotation of the image (0, 90,
+    180 or 270 degrees), chosen by measurement (tests/BENCHMARKS.md)."""
+
+    feature_dim = 128
+    most_size = 32
+
+    def __init__(self, channels, outputs):
+        super().__init__()
+        self.features = nn.Sequential(
+            ShrinkTo(self.most_size),
+            nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(), nn.Linear(64 * 4 * 4, self.feature_dim), nn.ReLU(),
+        )
+        self.head = nn.Linear(self.feature_dim, outputs)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class ShrinkTo(nn.Module):
+    """Images larger than size x size averaged down to it; smaller ones pass unchanged."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.size = size
+
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(x, self.size) if x.shape[-1] > self.size else x

@@ -57,7 +57,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from gan_conf import CONFIGS, DigitClassifier, GANConfig, build_nets, image_size_ok  # noqa: E402
+from gan_conf import CONFIGS, DigitClassifier, FeatureNet, GANConfig, ShrinkTo, build_nets, image_size_ok  # noqa: E402
 
 MAX_STRIKE = 5       # a net trains at most this many iterations in a row
 LOG_PERIOD = 100     # iterations between loss lines; batches between trainer summaries
@@ -175,23 +175,29 @@ def load_cifar(data_dir):
     folder = Path(data_dir) / "cifar-10-batches-py"
     images, labels = [], []
     for k in range(1, 6):
-        path = folder / f"data_batch_{k}"
-        if not path.exists():
-            raise UserError(f"CIFAR-10 file {path} not found: run {CIFAR_SCRIPT} (cd data && ./download_cifar.sh)")
-        try:
-            with open(path, "rb") as f:
-                batch = CifarUnpickler(f, encoding="bytes").load()
-            rows = batch[b"data"] if b"data" in batch else batch["data"]
-            labels.append(batch.get(b"labels", batch.get("labels")))
-        except Exception as e:  # any unpickling failure means a damaged or foreign file
-            raise UserError(f"{path}: not a CIFAR-10 python batch ({in_one_line(e)})")
-        if not isinstance(rows, np.ndarray) or rows.dtype != np.uint8 or rows.ndim != 2 or rows.shape[1] != 3072:
-            raise UserError(f"{path}: 'data' is {getattr(rows, 'dtype', type(rows).__name__)} of shape "
-                            f"{getattr(rows, 'shape', '()')}, expected uint8 rows of 3072 bytes "
-                            "(32x32 pixels, R then G then B)")
-        labels[-1] = class_indices(labels[-1], len(rows), len(CIFAR_CLASSES))  # None: checked where used
-        images.append(rows.reshape(-1, 3, 32, 32))
+        rows, batch_labels = read_cifar_batch(folder / f"data_batch_{k}")
+        images.append(rows)
+        labels.append(batch_labels)
     return np.concatenate(images), labels
+
+
+def read_cifar_batch(path):
+    """One CIFAR-10 python batch: its images as uint8 (n, 3, 32, 32), and its labels (None
+    where they are not one class in 0-9 for each image: checked where used)."""
+    if not path.exists():
+        raise UserError(f"CIFAR-10 file {path} not found: run {CIFAR_SCRIPT} (cd data && ./download_cifar.sh)")
+    try:
+        with open(path, "rb") as f:
+            batch = CifarUnpickler(f, encoding="bytes").load()
+        rows = batch[b"data"] if b"data" in batch else batch["data"]
+        labels = batch.get(b"labels", batch.get("labels"))
+    except Exception as e:  # any unpickling failure means a damaged or foreign file
+        raise UserError(f"{path}: not a CIFAR-10 python batch ({in_one_line(e)})")
+    if not isinstance(rows, np.ndarray) or rows.dtype != np.uint8 or rows.ndim != 2 or rows.shape[1] != 3072:
+        raise UserError(f"{path}: 'data' is {getattr(rows, 'dtype', type(rows).__name__)} of shape "
+                        f"{getattr(rows, 'shape', '()')}, expected uint8 rows of 3072 bytes "
+                        "(32x32 pixels, R then G then B)")
+    return rows.reshape(-1, 3, 32, 32), class_indices(labels, len(rows), len(CIFAR_CLASSES))
 
 
 def class_indices(values, n, classes):
@@ -1141,7 +1147,7 @@ def evaluate_pass(run, files, evaluator, log):
     log(f"Pass={pass_id} eval: {format_scores(scores)}")
     at = {"pass": pass_id, "iteration": cfg.iters_per_pass, "step": (pass_id + 1) * cfg.iters_per_pass,
           "seconds": round(run.seconds(), 3)}
-    files.metrics.add({**at, "eval": scores})
+    files.metrics.add({**at, "eval": scores, "floor": evaluator.floor(run.options.samples)})
     metric = ranking_metric(cfg)
     previous = run.quality
     run.quality, best, collapsed = previous.judge(metric, scores[metric], pass_id)
@@ -2887,28 +2893,101 @@ def class_index(label, classes, log=write_stdout):
 
 
 def evaluate(args):
-    """Score a trained generator offline (see the README for what each figure means)."""
-    data_dir = args.data_dir or "data"
-    check_evaluable(args.data_source, data_dir)
+    """Score a trained generator offline, or with FILE (--evaluate FILE.npy) the samples in it
+    (see the README for what each figure means)."""
+    if args.evaluate:
+        return evaluate_file(Path(args.evaluate), args)
     device = choose_device(args.use_gpu, args.gpu_id, write_stdout)
     cfg, gen, path = load_generator(args, device)
+    data_dir = args.data_dir or cfg.folder or "data"
+    check_evaluable(cfg.data_source, data_dir)
+    evaluator = Evaluator(cfg, data_dir, None, write_stdout)
     torch.manual_seed(args.seed if args.seed is not None else 0)
-    data = load_data(cfg, data_dir, torch.device("cpu")).x if cfg.data_source != "uniform" else None
-    evaluator = Evaluator(cfg, data_dir, data, write_stdout)
-    labels = sample_labels(cfg, args.samples)
-    noise = torch.randn(args.samples, cfg.noise_dim, device=device)
-    samples = generate_samples(gen, noise, cfg.batch_size, labels=None if labels is None else labels.to(device))
-    write_stdout(f"{path}: {args.samples} samples: {format_scores(evaluator.score(samples, labels))}")
-    write_stdout(f"real data (floor): {format_scores(evaluator.floor(args.samples))}")
+    # the noise --generate draws: --generate N --seed S writes these very samples
+    scores = evaluator.score_draws(gen, cfg, args.samples, lambda n: torch.randn(n, cfg.noise_dim, device=device))
+    write_stdout(f"{path}: {args.samples} samples: {format_scores(scores)}")
+    evaluator.floor(args.samples)
+
+
+def evaluate_file(path, args):
+    """--evaluate FILE.npy: the scores of samples shaped as --generate writes them (from this
+    trainer or any other tool), with the classes of FILE.labels.npy where it exists."""
+    samples = read_samples(path)
+    if args.data_source == "folder" and not args.data_dir:
+        raise UserError(f"-d folder --evaluate {path} needs --data_dir: the folder of images to compare with")
+    data_dir = args.data_dir or "data"
+    cfg = samples_config(args.data_source, samples, path)
+    labels = read_sample_labels(path, len(samples))
+    check_evaluable(cfg.data_source, data_dir)
+    evaluator = Evaluator(cfg, data_dir, None, write_stdout)
+    low, high = (None, None) if labels is None else (labels.min().item(), labels.max().item())
+    if labels is not None and not (0 <= low and high < len(evaluator.classes)):
+        raise UserError(f"{labels_path(path)}: classes {low} to {high}, but the evaluation features "
+                        f"read {plural(len(evaluator.classes), 'class')}" +
+                        ("" if evaluator.classes else f" ({cfg.data_source} here has no classes)"))
+    write_stdout(f"{path}: {len(samples)} samples: {format_scores(evaluator.score(samples, labels))}")
+    evaluator.floor(len(samples))
+
+
+def read_samples(path):
+    """The array in FILE.npy as float32, checked to hold finite numbers."""
+    try:
+        array = np.load(path, allow_pickle=False)  # an array of objects (a pickle) is refused
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"--evaluate {path}: cannot read it as a .npy array ({in_one_line(e, most=100)})")
+    if not isinstance(array, np.ndarray):
+        raise UserError(f"--evaluate {path}: an .npz archive of arrays; give one .npy array, as --generate writes")
+    if array.dtype.kind != "f":
+        raise UserError(f"--evaluate {path}: values of type {array.dtype}; expected float32 (images in [-1, 1]), "
+                        "as --generate writes them")
+    if not np.isfinite(array).all():
+        raise UserError(f"--evaluate {path}: it holds NaN or infinite values")
+    return torch.from_numpy(array.astype(np.float32))
+
+
+def samples_config(data_source, samples, path):
+    """The configuration samples are scored under: the data source's (a folder's at the samples'
+    size and channels), once their shape and range are checked."""
+    cfg, shape = CONFIGS[data_source], tuple(samples.shape)
+    if data_source == "folder":
+        fits = len(shape) == 4 and shape[1] in (1, 3) and shape[2] == shape[3] >= 8
+        cfg = dataclasses.replace(cfg, sample_shape=shape[1:]) if fits else None
+        expected = "(n, C, S, S), C 1 or 3, S at least 8"
+    else:
+        fits = shape[1:] == cfg.sample_shape
+        expected = f"(n, {', '.join(map(str, cfg.sample_shape))})"
+    if not fits or shape[0] < 2:
+        raise UserError(f"--evaluate {path}: samples of shape {shape}; -d {data_source} scores {expected} with n at "
+                        "least 2, as --generate writes them")
+    if cfg.is_image and not (samples.min() >= -1 and samples.max() <= 1):
+        raise UserError(f"--evaluate {path}: values from {samples.min():.4g} to {samples.max():.4g}; images are "
+                        "scored in [-1, 1], as --generate writes them")
+    return cfg
+
+
+def labels_path(path):
+    """FILE.labels.npy beside FILE.npy (as --generate writes them)."""
+    return path.with_name((path.name[:-4] if path.suffix == ".npy" else path.name) + ".labels.npy")
+
+
+def read_sample_labels(path, n):
+    """The classes of FILE.labels.npy (the class each sample was asked for), or None without one."""
+    found = labels_path(path)
+    if not found.exists():
+        return None
+    try:
+        labels = np.load(found, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"{found}: cannot read it as a .npy array ({in_one_line(e, most=100)})")
+    if not isinstance(labels, np.ndarray) or labels.dtype.kind not in "iu" or labels.shape != (n,):
+        raise UserError(f"{found}: {getattr(labels, 'dtype', 'an archive')} of shape {getattr(labels, 'shape', '?')}; "
+                        f"expected {n} integer classes, one per sample of {path.name}")
+    return torch.from_numpy(labels.astype(np.int64))
 
 
 def check_evaluable(data_source, data_dir):
-    """Refuse early what evaluating could not finish: cifar and folders (no feature extractor),
-    or MNIST files it would need later."""
-    if data_source in ("cifar", "folder"):
-        raise UserError(f"no offline feature extractor for {'CIFAR-10' if data_source == 'cifar' else 'your images'} "
-                        "is available here (an Inception network would need downloaded weights); look at the "
-                        "sample grids")
+    """Refuse early what evaluating could not finish: MNIST files it would need later (CIFAR-10
+    and a folder are read, and checked, before any evaluation features are trained)."""
     if data_source == "mnist":
         needed = ["train-images-idx3-ubyte", "t10k-images-idx3-ubyte"]
         if not (Path(data_dir) / "mnist_classifier.pt").exists():  # the classifier is trained first
@@ -2917,68 +2996,112 @@ def check_evaluable(data_source, data_dir):
             find_mnist_file(data_dir, name)
 
 
-class Evaluator:
-    """Scores generated samples against the real data; holds what is computed once."""
+MOST_REAL = 10000  # real images behind the reference features and behind `memorised`
 
-    def __init__(self, cfg, data_dir, data, log=print):
-        self.cfg = cfg
+
+class Evaluator:
+    """Scores generated samples against the real data; holds what is computed once: the
+    evaluation features (mnist: the digit classifier; cifar and a folder: a net trained on
+    them, see load_feature_net), the real images' features and neighbourhoods, the floor."""
+
+    def __init__(self, cfg, data_dir, data=None, log=print):
+        """data: mnist's training images where the caller holds them (read here otherwise);
+        CIFAR-10 and a folder are read here, for their labels and class subfolders."""
+        self.cfg, self.log, self.classes, self.floors = cfg, log, (), {}
+        if cfg.data_source == "uniform":
+            return
         if cfg.data_source == "mnist":
-            self.classifier = load_digit_classifier(data_dir, log)
-            test = to_unit_range(torch.from_numpy(load_mnist(data_dir, "test").copy()))
-            self.test_features, _ = self.features(test)
-            self.train = data.cpu()
-            # typical nearest-neighbour distance between training images: median over 500 of them
-            k = min(500, len(self.train) // 2)
-            probe = to_unit_range(self.train[:k]).flatten(1)
-            rest = to_unit_range(self.train[k:k + 10000]).flatten(1)
-            self.typical_nn = torch.cdist(probe, rest).min(1).values.median().item()
+            train = (torch.from_numpy(load_mnist(data_dir).copy()) if data is None else data).cpu()
+            self.net, self.classes = load_digit_classifier(data_dir, log), tuple("0123456789")
+            self.reference, _ = self.features(to_unit_range(torch.from_numpy(load_mnist(data_dir, "test").copy())))
+            self.floor_images = train[-MOST_REAL:]  # not among the training images `memorised` compares with
+        else:
+            real = feature_data(cfg, data_dir)
+            self.net, self.classes, train = load_feature_net(real, log), real.classes, real.train
+            self.reference, _ = self.features(to_unit_range(train[:MOST_REAL]))
+            self.floor_images = real.held_out
+        self.memory = memory_view(train[:MOST_REAL])
+        self.typical_nn = typical_nearest_distance(train)
+        self.radii = nearest_neighbour_radii(self.reference)
 
     @torch.no_grad()
     def features(self, images):
-        """The digit classifier's penultimate features of images, and the digits it reads."""
-        feats, digits = [], []
+        """The evaluation features of images, and the classes their head reads (None for
+        features without classes)."""
+        feats, read = [], []
         for chunk in images.split(500):
-            f = self.classifier.features(chunk.float().cpu())
+            f = self.net.features(chunk.float().cpu())
             feats.append(f)
-            digits.append(self.classifier.head(f).argmax(1))
-        return torch.cat(feats), torch.cat(digits)
+            if self.classes:
+                read.append(self.net.head(f).argmax(1))
+        return torch.cat(feats), torch.cat(read) if read else None
 
     def score(self, samples, labels=None):
-        """The scores of samples; with the labels they were asked for (a conditional mnist G),
-        label_accuracy too: the share the digit classifier reads as that label."""
+        """The scores of samples; with the classes they were asked for, label_accuracy too:
+        the share the evaluation features read as that class."""
         if self.cfg.data_source == "uniform":
             reference = torch.rand(len(samples), 2, generator=torch.Generator().manual_seed(1))
             return uniform_scores(samples.cpu(), reference)
-        feats, digits = self.features(samples)
-        scores = {"fid": frechet_distance(feats, self.test_features)}
-        if labels is not None:
-            scores["label_accuracy"] = digits.eq(labels.cpu()).double().mean().item()
-        scores.update(class_histogram_scores(digits))
-        scores["memorised"] = memorisation_share(to_unit_range(samples.cpu()), to_unit_range(self.train[:10000]),
-                                                 self.typical_nn)
+        feats, read = self.features(samples)
+        scores = {"fid": frechet_distance(feats, self.reference),
+                  "kid": kernel_inception_distance(feats, self.reference),
+                  **density_coverage(self.reference, feats, self.radii)}
+        if read is not None:
+            scores.update(class_histogram_scores(read, len(self.classes)))
+        scores["memorised"] = memorisation_share(memory_view(samples), self.memory, self.typical_nn)
+        if read is not None and labels is not None:
+            scores.update(label_scores(read, labels.cpu(), len(self.classes)))
         return scores
 
     def score_generator(self, run, n):
         """The scores of n samples of a run's G, drawn with a generator of their own: evaluating
         leaves the training's random stream untouched."""
         rng = torch.Generator().manual_seed(run.seed + run.pass_id)
-        noise = torch.randn(n, run.cfg.noise_dim, generator=rng).to(run.device)
-        labels = sample_labels(run.cfg, n)
-        samples = generate_samples(run.gen, noise, run.cfg.batch_size, rng,
-                                   None if labels is None else labels.to(run.device))
-        return self.score(samples, labels)
+        return self.score_draws(run.gen, run.cfg, n, lambda k: torch.randn(k, run.cfg.noise_dim, generator=rng)
+                                .to(run.device), rng)
+
+    def score_draws(self, gen, cfg, n, noise, generator=None):
+        """The scores of n samples of G for noise(n) (a conditional G: the classes cycling, as
+        --generate draws them); for a conditional G, label_accuracy too, of n / classes more
+        samples of each class, drawn as --generate --label K draws them."""
+        labels, z = sample_labels(cfg, n), noise(n)
+        samples = generate_samples(gen, z, cfg.batch_size, generator, None if labels is None else labels.to(z.device))
+        scores = self.score(samples.clamp(-1, 1) if cfg.is_image else samples)  # as --generate writes them
+        if labels is not None:
+            scores.update(self.label_accuracy(gen, cfg, n, noise, generator))
+        return scores
+
+    def label_accuracy(self, gen, cfg, n, noise, generator):
+        if self.classes != cfg.classes:
+            self.log(f"note: label_accuracy is not scored: the generator's classes ({', '.join(cfg.classes[:5])}, ...) "
+                     "are not those of the evaluation features")
+            return {}
+        per_class, read, asked = max(1, n // len(cfg.classes)), [], []
+        for k in range(len(cfg.classes)):
+            z = noise(per_class)
+            labels = torch.full((per_class,), k, device=z.device)
+            read.append(self.features(generate_samples(gen, z, cfg.batch_size, generator, labels).clamp(-1, 1))[1])
+            asked.append(labels.cpu())
+        return label_scores(torch.cat(read), torch.cat(asked), len(cfg.classes))
 
     def floor(self, n):
-        """The same scores for real data (the best a generator could hope for)."""
-        if self.cfg.data_source == "uniform":
-            real = torch.rand(n, 2, generator=torch.Generator().manual_seed(2))
-            return self.score(real)
-        return self.score(to_unit_range(self.train[-min(n, 10000):]))
+        """The same scores for n real images (at most as many as there are): cifar's test batch,
+        or the share of CIFAR-10 or a folder held out from the feature net; mnist: the last
+        training images, against the test set's features. What a perfect generator would score.
+        Computed once for each n, and said once."""
+        if n not in self.floors:
+            if self.cfg.data_source == "uniform":
+                self.floors[n] = self.score(torch.rand(n, 2, generator=torch.Generator().manual_seed(2)))
+            else:
+                self.floors[n] = self.score(to_unit_range(self.floor_images[-n:]))
+            self.log(f"real data (floor): {format_scores(self.floors[n])}")
+        return self.floors[n]
 
 
 def format_scores(scores):
+    """name=value pairs; the lists (shares per class) are left to metrics.jsonl."""
     return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in scores.items() if k != "class_shares")
+                     for k, v in scores.items() if not isinstance(v, list))
 
 
 def sliced_wasserstein(a, b, projections=256, seed=0):
@@ -3016,10 +3139,11 @@ def frechet_distance(f1, f2):
 
 
 def class_histogram_scores(predicted, classes=10):
-    """Mode coverage of predicted digit classes: shares, classes with >= 2%, KL from uniform."""
+    """Mode coverage of predicted classes: shares, classes with at least a fifth of a uniform
+    share (2% of ten), KL from uniform."""
     share = torch.bincount(predicted, minlength=classes).double() / len(predicted)
     nz = share[share > 0]
-    return {"classes_covered": int((share >= 0.02).sum()),
+    return {"classes_covered": int((share >= 0.2 / classes).sum()),
             "max_class_share": share.max().item(),
             "kl_from_uniform": (nz * (nz * classes).log()).sum().item(),
             "class_shares": [round(v, 4) for v in share.tolist()]}
@@ -3036,6 +3160,69 @@ def memorisation_share(generated, train, typical):
     nearest = torch.cat([torch.cdist(chunk, t).argmin(1) for chunk in g.split(256)])
     distance = (g - t[nearest]).norm(dim=1)
     return (distance < typical).double().mean().item()
+
+
+def kernel_inception_distance(f1, f2, subset_size=1000, seed=0):
+    """KID (Binkowski et al. 2018): the unbiased estimate of the squared MMD between two feature
+    sets under the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3, averaged over random
+    subsets of subset_size rows of each, as many as draw each row of the larger set about once
+    (one, all rows, where both sets are that small). Unbiased at any size (near 0, either
+    side, for two samples of one distribution), and cheap for 10,000 samples."""
+    m = min(subset_size, len(f1), len(f2))
+    subsets = math.ceil(max(len(f1), len(f2)) / m)
+    rng, d, total = torch.Generator().manual_seed(seed), f1.shape[1], 0.0
+    for _ in range(subsets):
+        x = f1[torch.randperm(len(f1), generator=rng)[:m]].float()
+        y = f2[torch.randperm(len(f2), generator=rng)[:m]].float()
+        kxx, kyy, kxy = ((a @ b.T).div_(d).add_(1).pow_(3) for a, b in ((x, x), (y, y), (x, y)))
+        within = sum(k.sum(dtype=torch.float64) - k.diagonal().sum(dtype=torch.float64) for k in (kxx, kyy))
+        total += (within / (m * (m - 1)) - 2 * kxy.sum(dtype=torch.float64) / m ** 2).item()  # i != j: unbiased
+    return total / subsets
+
+
+NEIGHBOURS = 5  # k of density and coverage, as Naeem et al. recommend
+
+
+def nearest_neighbour_radii(real, k=NEIGHBOURS):
+    """Each real feature's distance to its k-th nearest other real feature: the radius of its
+    ball in density and coverage."""
+    return torch.cat([torch.cdist(chunk, real).kthvalue(k + 1, dim=1).values for chunk in real.split(1000)])
+
+
+def density_coverage(real, fake, radii, k=NEIGHBOURS):
+    """Density and coverage (Naeem et al. 2020) of fake features among real ones, each real
+    feature's ball reaching its k-th nearest neighbour (radii). density: the real balls a fake
+    falls in, per fake, over k (about 1 for fakes like the reals; above, for fakes crowding
+    where the reals are densest; 0, for fakes far from all); coverage: the share of real balls
+    holding a fake (1: all of the data is covered; a collapse leaves most balls empty)."""
+    inside, covered = 0, torch.zeros(len(real), dtype=torch.bool)
+    for chunk in fake.split(1000):
+        within = torch.cdist(chunk, real) < radii
+        inside += within.sum().item()
+        covered |= within.any(0)
+    return {"density": inside / (k * len(fake)), "coverage": covered.double().mean().item()}
+
+
+def label_scores(read, asked, classes):
+    """label_accuracy: the share of samples read as the class asked for; and that share for each
+    class (None for a class not asked for)."""
+    hit = read.eq(asked).double()
+    per_class = [round(hit[asked == k].mean().item(), 4) if (asked == k).any() else None for k in range(classes)]
+    return {"label_accuracy": hit.mean().item(), "label_accuracy_per_class": per_class}
+
+
+def memory_view(images):
+    """Images as `memorised` compares them: in [-1, 1], on the CPU, and larger than 32 x 32
+    averaged down to it (comparing with 10,000 training images then costs what small images do)."""
+    return ShrinkTo(FeatureNet.most_size)(to_unit_range(images.cpu()))
+
+
+def typical_nearest_distance(images):
+    """How near training images typically are to each other: the median distance from 500 of
+    them (at most half) to their nearest among the next 10,000."""
+    k = min(500, len(images) // 2)
+    probe, rest = memory_view(images[:k]).flatten(1), memory_view(images[k:k + MOST_REAL]).flatten(1)
+    return torch.cdist(probe, rest).min(1).values.median().item()
 
 
 @torch.random.fork_rng()  # its own random stream: a training run's stays untouched
@@ -3079,6 +3266,163 @@ def load_digit_classifier(data_dir, log=print):
         except Exception:
             log(f"{path} is damaged or not this trainer's: training the classifier again")
     return train_digit_classifier(data_dir, path, log)
+
+
+# --- the evaluation features of cifar and of a folder
+#
+# No Inception network can be had offline, so the features are those of a small net trained on
+# the data itself, once, and cached: a classifier where the data has classes (CIFAR-10's labels,
+# a folder's class subfolders), else a net that tells by how much each image was rotated (the
+# self-supervised task that ranked sample sets best on MNIST: tests/BENCHMARKS.md). Their scores
+# compare runs on the same data; they are not Inception FIDs, and no figure published elsewhere
+# compares with them.
+
+FEATURE_STEPS = 1000    # batches of 128 that train a feature net (tests pass fewer)
+FEATURE_VERSION = 1     # of FeatureNet and its training: a cache of another version is trained anew
+HELD_OUT_SHARE = 0.1    # of a folder (and of CIFAR-10 without test_batch): the floor's images, never trained on
+
+
+@dataclasses.dataclass
+class FeatureData:
+    """What a feature net learns from (uint8 images, and their classes where there are), and
+    the real images it never sees, which the floor is scored on."""
+    what: str
+    train: torch.Tensor
+    labels: torch.Tensor | None
+    classes: tuple
+    held_out: torch.Tensor
+
+
+def feature_data(cfg, data_dir):
+    """CIFAR-10's training batches (test_batch held out, where present) or a folder's images (a
+    fixed share held out), with the classes to learn where there are two or more."""
+    if cfg.data_source == "cifar":
+        what, folder = "CIFAR-10", Path(data_dir) / "cifar-10-batches-py"
+        images, batch_labels = load_cifar(data_dir)
+        labels = None if any(b is None for b in batch_labels) else np.concatenate(batch_labels)
+        classes = CIFAR_CLASSES
+        held_out = read_cifar_batch(folder / "test_batch")[0] if (folder / "test_batch").exists() else None
+    else:
+        what = f"the folder {data_dir}"
+        images, names = read_image_folder(data_dir, cfg.sample_shape[1], cfg.sample_shape[0], log=lambda *a: None)
+        try:
+            labels, classes = class_labels(names, data_dir)
+        except UserError:  # images at the top level, or one subfolder: no classes to learn
+            labels, classes = None, ()
+        held_out = None
+    if labels is not None and len(np.unique(labels)) < 2:
+        labels = None  # a single class tells no image from another
+    images = torch.from_numpy(images if images.flags.writeable else images.copy())
+    labels, classes = (None, ()) if labels is None else (torch.from_numpy(labels), classes)
+    if held_out is not None:
+        return FeatureData(what, images, labels, classes, torch.from_numpy(held_out.copy()))
+    if len(images) < 10:
+        raise UserError(f"{what}: {len(images)} images are too few to score (at least 10: a tenth is held out "
+                        "as the floor)")
+    keep, held = held_out_split(len(images))
+    return FeatureData(what, images[keep], None if labels is None else labels[keep], classes, images[held])
+
+
+def held_out_split(n, share=HELD_OUT_SHARE):
+    """(kept, held out) indices of n images: a fixed random share held out, the same every time."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    held = max(2, round(share * n))
+    return order[held:], order[:held]
+
+
+def cache_folder():
+    """$XDG_CACHE_HOME/gan_trainer, else ~/.cache/gan_trainer, as FolderCache has it."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gan_trainer"
+
+
+def load_feature_net(real, log=print, steps=None):
+    """The feature net of `real` (a FeatureData), trained once and cached in cache_folder(),
+    keyed to what it learns from: changed images or classes train a new one. The cache is read
+    weights-only; one that does not load, or holds anything but this net's finite weights, is
+    never run: it is trained again, said in one line."""
+    steps = FEATURE_STEPS if steps is None else steps
+    key = feature_key(real, steps)
+    path = cache_folder() / f"features-{key[:16]}.pt"
+    kind = f"a classifier of its {len(real.classes)} classes" if real.classes else "a rotation-prediction net"
+    about = (f"({kind}, {len(real.train)} images, cached in {path}; the floor: {len(real.held_out)} held-out "
+             "images): scores compare runs on this data; they are not Inception FIDs")
+    unusable = ""
+    if path.exists():
+        try:
+            net = read_feature_net(path, key, real)
+            log(f"evaluation features for {real.what} {about}")
+            return net
+        except Exception as e:  # damaged, foreign or crafted: whatever it is, it is not used
+            why = weights_only_reason(e) if isinstance(e, pickle.UnpicklingError) else in_one_line(e, most=100)
+            unusable = f"; the cached ones were unusable ({why})"
+    log(f"training the evaluation features for {real.what} {about}{unusable}")
+    net = FeatureNet(real.train.shape[1], len(real.classes) or 4)
+    task = rotation_loss if real.labels is None else lambda net, x, idx: F.cross_entropy(net(x), real.labels[idx])
+    train_feature_net(net, real.train, task, steps, quiet=not getattr(log, "show_bar", sys.stdout.isatty()))
+    buffer = io.BytesIO()
+    torch.save({"state_dict": net.state_dict(), "key": key}, buffer)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(buffer.getbuffer())
+    except (OSError, UserError) as e:
+        log(f"note: the evaluation features could not be cached ({e}); the next evaluation trains them again")
+    return net
+
+
+def read_feature_net(path, key, real):
+    """The cached feature net at path, if it is the one for key; raises on anything else."""
+    with warnings.catch_warnings():  # torch warns of pickle protocols it did not write
+        warnings.simplefilter("ignore")
+        saved = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
+    if not isinstance(saved, dict) or saved.get("key") != key:
+        raise ValueError("not the features of these images")
+    net = FeatureNet(real.train.shape[1], len(real.classes) or 4)
+    net.load_state_dict(saved["state_dict"])  # strict: other names or shapes raise
+    if not all(t.isfinite().all() for t in net.state_dict().values()):
+        raise ValueError("non-finite weights")
+    return net.eval()
+
+
+def feature_key(real, steps):
+    """sha256 of what a feature net is made from: its images, classes and labels, its training."""
+    h = hashlib.sha256(json.dumps([FEATURE_VERSION, steps, list(real.train.shape), list(real.classes)]).encode())
+    h.update(real.train.contiguous().numpy())
+    if real.labels is not None:
+        h.update(real.labels.to(torch.int64).contiguous().numpy())
+    return h.hexdigest()
+
+
+@torch.random.fork_rng()  # its own random stream: a training run's stays untouched
+def train_feature_net(net, images, task, steps, quiet=True, batch=128, seed=0):
+    """Train a feature net on `steps` batches of random images (uint8), each batch shifted by a
+    few pixels (features must not hang on exact placement); task(net, x, idx) is the loss of
+    the batch x of images[idx]."""
+    from tqdm import tqdm
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    shift = max(1, images.shape[-1] // 14)  # MNIST's 2 pixels
+    net.train()
+    for _ in tqdm(range(steps), desc="evaluation features", unit="batch", disable=quiet, leave=False):
+        idx = torch.randint(len(images), (min(batch, len(images)),))
+        dx, dy = torch.randint(-shift, shift + 1, (2,)).tolist()
+        x = to_unit_range(images[idx]).roll((dy, dx), (2, 3))
+        opt.zero_grad()
+        task(net, x, idx).backward()
+        opt.step()
+        decay.step()
+    return net.eval()
+
+
+def rotation_loss(net, x, idx=None):
+    """The self-supervised task: each image turned by a random multiple of 90 degrees, and the
+    net's cost of telling which."""
+    turns = torch.randint(4, (len(x),))
+    x = x.clone()
+    for k in range(1, 4):
+        x[turns == k] = x[turns == k].rot90(k, (2, 3))
+    return F.cross_entropy(net(x), turns)
 
 
 # ###################################################################### the command line
@@ -3185,7 +3529,9 @@ def build_parser():
                    help="run the step compiled by torch.compile on the CPU (default: 1 for uniform, 0 for images)")
     a = p.add_argument_group("applying a trained generator")
     a.add_argument("--generate", type=positive_int, metavar="N", help="write N samples to FILE.npy and FILE.png, then exit")
-    a.add_argument("--evaluate", action="store_true", help="score the trained generator, then exit")
+    a.add_argument("--evaluate", nargs="?", const="", metavar="FILE",
+                   help="score the trained generator, then exit; with FILE (.npy, as --generate writes it), score "
+                        "the samples in it instead")
     a.add_argument("--samples", type=functools.partial(int_in_range, low=2, high=MOST), default=10000, metavar="N", help="samples for --evaluate / --eval_every")
     a.add_argument("--params", metavar="PATH",
                    help="checkpoint to use (default: the newest in <d>_params; best: <d>_params/best.pt)")
@@ -3215,9 +3561,9 @@ def given_flags(argv):
 def check_flags_apply(args, given):
     def flag(dest):
         return "--" + dest
-    if args.generate is not None and args.evaluate:
+    if args.generate is not None and args.evaluate is not None:
         raise UserError("--generate and --evaluate are two actions: give one")
-    action = "--generate" if args.generate is not None else "--evaluate" if args.evaluate else None
+    action = "--generate" if args.generate is not None else "--evaluate" if args.evaluate is not None else None
     for dest in sorted(given):
         if action and dest in TRAINING_ONLY:
             raise UserError(f"{flag(dest)} does not apply to {action}: it is a training flag")
@@ -3230,6 +3576,8 @@ def check_flags_apply(args, given):
             raise UserError("--data_dir does not apply to --generate: it needs the checkpoint only")
         if dest == "samples" and not (action == "--evaluate" or (not action and args.eval_every)):
             raise UserError("--samples applies to --evaluate and to training with --eval_every")
+        if args.evaluate and dest in ("params", "samples", "seed"):
+            raise UserError(f"{flag(dest)} does not apply to --evaluate FILE: it scores the samples in the file")
 
 
 def out_of_memory(e):
@@ -3296,12 +3644,12 @@ def main(argv=None):
             args = build_parser().parse_args(argv)
             args.given = given_flags(sys.argv[1:] if argv is None else argv)
             check_flags_apply(args, args.given)
-            if (args.generate is not None or args.evaluate) and torchrun_rank():
+            if (args.generate is not None or args.evaluate is not None) and torchrun_rank():
                 raise UserError(f"{'--generate' if args.generate is not None else '--evaluate'} runs in one "
                                 "process: start it with python, not torchrun")
             if args.generate is not None:
                 generate(args)
-            elif args.evaluate:
+            elif args.evaluate is not None:
                 evaluate(args)
             else:
                 train(args)
