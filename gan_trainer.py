@@ -2710,10 +2710,11 @@ class CompiledStep:
 
     def compiled_gap(self, x, z, y):
         """The largest relative gap between what the compiled functions and the eager ones compute
-        on this batch (the losses, D's logits and every gradient): a compiled kernel that is
+        on this batch (the losses, D's logits, each net's gradient): a compiled kernel that is
         wrong, or stale from a cache made under other kernel choices, shows here at once."""
-        def flat(out):
-            return [t.detach().double().flatten() for t in pytree_tensors(out)]
+        def flat(out):  # a net's gradients as one vector: a bias feeding a batch norm has a gradient of round-off
+            groups = [g for item in out for g in (item.values() if isinstance(item, dict) else [item])]
+            return [torch.cat([t.detach().double().flatten() for t in pytree_tensors(g)]) for g in groups]
         gap = 0.0
         for compiled, eager, inputs in ((self.losses_and_grads, self.functions[0], (x, z, y)),
                                         (self.dis_on_real, self.functions[1], (x, y))):
