@@ -8,7 +8,9 @@ scored per class by the digit classifier (tests/BENCHMARKS.md, "The class you as
 - companions: each row of class K sits in a batch labelled as training labels its batches (all
   classes in turn), the other rows dropped: what the trainer does now (among_companions);
 - reference statistics: the batch of class K alone, normalised with the batch-norm statistics of
-  a batch labelled as in training.
+  a batch labelled as in training;
+- cycling: the rows of class K out of a draw whose labels cycle over all classes (--generate
+  without --label), for comparison.
 """
 import argparse
 import sys
@@ -58,11 +60,24 @@ def companions(gen, noise, label, batch_size):
     return gt.generate_samples(gen, noise, batch_size, labels=torch.full((len(noise),), label))
 
 
+def cycling(gen, noise, label, batch_size):
+    """The same noise drawn with the labels cycling (--generate without --label); only the rows of
+    the class are scored: the companions' way, with none of them dropped."""
+    labels = torch.arange(len(noise) * gen.classes) % gen.classes
+    wide = torch.randn(len(labels), noise.shape[1])
+    wide[labels == label] = noise
+    return gt.generate_samples(gen, wide, batch_size, labels=labels)[labels == label]
+
+
+WAYS = {"alone": alone, "companions": companions, "reference statistics": reference_statistics, "cycling": cycling}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("checkpoint")
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--data_dir", default="data")
+    p.add_argument("--ways", nargs="+", default=list(WAYS), choices=list(WAYS))
     a = p.parse_args()
     torch.set_num_threads(2)
     ckpt = gt.load_checkpoint(a.checkpoint, "mnist")
@@ -74,7 +89,8 @@ def main():
     print(f"{a.checkpoint}: {a.samples} samples per class, read by the digit classifier")
     print("| way | " + " | ".join(str(k) for k in range(10)) + " | mean | seconds |")
     print("|---|" + "---|" * 12)
-    for name, draw in (("alone", alone), ("companions", companions), ("reference statistics", reference_statistics)):
+    for name in a.ways:
+        draw = WAYS[name]
         accuracy, started = [], time.time()
         for k in range(10):
             torch.manual_seed(100 + k)
