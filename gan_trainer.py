@@ -3167,10 +3167,10 @@ def kernel_inception_distance(f1, f2, subset_size=1000, seed=0):
     """KID (Binkowski et al. 2018): the unbiased estimate of the squared MMD between two feature
     sets under the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3, averaged over random
     subsets of subset_size rows of each, as many as draw each row of the larger set about once
-    (one, all rows, where both sets are that small). Unbiased at any size (near 0, either
-    side, for two samples of one distribution), and cheap for 10,000 samples."""
+    (at most 100; one, all rows, where both sets are that small). Unbiased at any size (near 0,
+    either side, for two samples of one distribution), and cheap for 10,000 samples."""
     m = min(subset_size, len(f1), len(f2))
-    subsets = math.ceil(max(len(f1), len(f2)) / m)
+    subsets = min(100, math.ceil(max(len(f1), len(f2)) / m))
     rng, d, total = torch.Generator().manual_seed(seed), f1.shape[1], 0.0
     for _ in range(subsets):
         x = f1[torch.randperm(len(f1), generator=rng)[:m]].float()
