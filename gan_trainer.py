@@ -733,20 +733,58 @@ def tutorial_step(gen, dis, opt_g, opt_d, x, z, schedule, y=None):
     return step
 
 
-def train_step(gen, dis, opt_g, opt_d, x, z, schedule, autocast=contextlib.nullcontext, y=None):
-    """tutorial_step's numbers with less work (the parameters have not changed in between):
+# (2) D: the generated batch labelled fake, then the real batch labelled real; (3) G: the
+# generated batch through D labelled real. Each is one Adam step of that net.
+UPDATES = {"dis": (("fake", FAKE), ("real", REAL)), "gen": (("fake", REAL),)}
 
-    one forward of D on G(z) gives d_neg_loss and g_loss, and its graph serves the update that
-    follows; D(x) is evaluated without a graph, since D's update on x comes after its update on
-    G(z) and must be recomputed anyway; gradients are taken for the trained net only.
-    """
-    losses = compute_losses(gen, dis, x, z, autocast, y)
-    step = choose_step(losses, schedule)
-    if step.trained == "dis":
-        step.batches = update_dis(losses, dis, opt_d, x, autocast, y)
-    elif step.trained == "gen":
-        step.batches = update_gen(losses, opt_g)
-    return step
+
+class Iteration:
+    """One iteration, written once for every way of computing it: (0) the losses of the current
+    nets, (1) the choice rule, (2) or (3) the chosen net's updates in UPDATES's order; the Step
+    it returns is what the loop logs and what the trainer logs receive.
+
+    A way of computing it (EagerStep; part 5: CompiledStep, GraphedStep, DistributedStep)
+    gives two methods: losses(x, z, y), the Losses before any update, and update(net, batch,
+    label), one Adam step of net on D's cost of that batch ("fake": G(z), "real": x) with
+    that label, returning the batch's (cost, D's logits) for the trainer log."""
+
+    def __call__(self, x, z, schedule, y=None):
+        step = choose_step(self.losses(x, z, y), schedule)
+        for batch, label in UPDATES.get(step.trained, ()):
+            step.batches.append((*self.update(step.trained, batch, label), label))
+        return step
+
+
+class EagerStep(Iteration):
+    """tutorial_step's numbers with less work (the parameters have not changed in between), the
+    default for images on a CPU: one forward of D on G(z) gives d_neg_loss and g_loss, and its
+    graph serves the update that follows; D(x) is evaluated without a graph, since D's update
+    on x comes after its update on G(z) and must be recomputed anyway; gradients are taken for
+    the trained net only."""
+
+    def __init__(self, gen, dis, opt_g, opt_d, autocast=contextlib.nullcontext):
+        self.gen, self.dis, self.autocast, self.opts = gen, dis, autocast, {"gen": opt_g, "dis": opt_d}
+        self.held = None
+
+    def losses(self, x, z, y=None, real=True):
+        self.held = None  # the last iteration's graph goes before this one's is made
+        losses = compute_losses(self.gen, self.dis, x, z, self.autocast, y, real)
+        self.held = losses, x, y
+        return losses
+
+    def update(self, net, batch, label):
+        losses, x, y = self.held
+        if batch == "fake":  # the graph of D(G(z)) from the losses serves
+            loss, logits = (losses.d_neg_loss if label == FAKE else losses.g_loss), losses.fake_logits
+        else:
+            loss, logits = cost_on_real(self.dis, x, self.autocast, y)
+        descend(loss, self.opts[net])
+        return loss.detach(), logits.detach()
+
+
+def train_step(gen, dis, opt_g, opt_d, x, z, schedule, autocast=contextlib.nullcontext, y=None):
+    """One EagerStep iteration of these nets (as the tests and benchmarks call it)."""
+    return EagerStep(gen, dis, opt_g, opt_d, autocast)(x, z, schedule, y)
 
 
 def compute_losses(gen, dis, x, z, autocast, y=None, real=True):
@@ -760,27 +798,11 @@ def compute_losses(gen, dis, x, z, autocast, y=None, real=True):
                   real_logits, fake_logits)
 
 
-def update_dis(losses, dis, opt_d, x, autocast, y=None):
-    """(2) D: one update on the generated batch (its graph is at hand), then one on the real
-    batch. Returns the two batches for the trainer log."""
-    descend(losses.d_neg_loss, opt_d)
-    real_cost, real_logits = cost_on_real(dis, x, autocast, y)
-    descend(real_cost, opt_d)
-    return [(losses.d_neg_loss.detach(), losses.fake_logits.detach(), FAKE),
-            (real_cost.detach(), real_logits.detach(), REAL)]
-
-
 def cost_on_real(dis, x, autocast, y=None):
     """D's cost on the real batch, labelled real, and its logits."""
     with autocast():
         logits = dis(x, y)
     return cost(logits, REAL), logits
-
-
-def update_gen(losses, opt_g):
-    """(3) G: one update through the unchanged D, labelled real. Returns the batch for the log."""
-    descend(losses.g_loss, opt_g)
-    return [(losses.g_loss.detach(), losses.fake_logits.detach(), REAL)]
 
 
 def descend(loss, opt):
@@ -790,6 +812,20 @@ def descend(loss, opt):
     for p, grad in zip(params, torch.autograd.grad(loss, params)):
         p.grad = grad
     opt.step()
+
+
+def make_step(run, log=print):
+    """The iteration as run.speed asks for it: under torchrun, DistributedStep; on a GPU, its
+    replay from CUDA graphs (GraphedStep); compiled (CompiledStep, the uniform CPU default);
+    else EagerStep. Each is an Iteration: the same logic, computed its own way."""
+    nets = (run.gen, run.dis, run.opt_g, run.opt_d, run.autocast)
+    if run.speed.processes > 1:
+        return DistributedStep(run, run.processes)
+    if run.speed.cuda_graphs:
+        return GraphedStep(*nets)
+    if run.speed.compile:
+        return CompiledStep(*nets, log=log)
+    return EagerStep(*nets)
 
 
 class TrainerLog:
@@ -2222,19 +2258,6 @@ def make_autocast(device, bf16):
     return lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=False)
 
 
-def make_step(run, log=print):
-    """The iteration as a function (x, z, schedule, y) -> Step: train_step, its replay from CUDA
-    graphs (GPU), or its compiled form (CPU)."""
-    nets = (run.gen, run.dis, run.opt_g, run.opt_d, run.autocast)
-    if run.speed.processes > 1:
-        return DistributedStep(run, run.processes)
-    if run.speed.cuda_graphs:
-        return GraphedStep(*nets)
-    if run.speed.compile:
-        return CompiledStep(*nets, log=log)
-    return functools.partial(train_step, *nets[:4], autocast=run.autocast)
-
-
 # ====================================================================== several processes (torchrun)
 #
 # torchrun starts one process per GPU (or several on a CPU); together they train one run with
@@ -2390,53 +2413,43 @@ def global_batch_norm(net, device):
     return net
 
 
-class DistributedStep:
-    """train_step on several processes: this rank's slice of the batch, G and D each wrapped in
-    DistributedDataParallel, so that every update (D on the generated batch, D on the real one,
-    G through D) averages the ranks' gradients: the gradient of the global batch's mean cost.
-    The losses behind the choice are the ranks' average, so every rank trains the same net. It
-    is written the tutorial's way, a forward per update, as DDP needs a forward through the
-    wrapped net before each backward; the Step it returns holds the global batch's logits."""
+class DistributedStep(Iteration):
+    """The iteration on several processes: this rank's slice of the batch, G and D each wrapped
+    in DistributedDataParallel, so that every update averages the ranks' gradients: the
+    gradient of the global batch's mean cost. The losses behind the choice are the ranks'
+    average, so every rank trains the same net. Each update has its own forward, the tutorial's
+    way, as DDP needs a forward through the wrapped net before each backward; the losses and
+    the logged batches hold the global batch's logits."""
 
     def __init__(self, run, procs):
         from torch.nn.parallel import DistributedDataParallel
         ids = {"device_ids": [run.device.index]} if run.device.type == "cuda" else {}
-        self.gen, self.dis, self.opt_g, self.opt_d, self.autocast = run.gen, run.dis, run.opt_g, run.opt_d, run.autocast
+        self.gen, self.dis, self.autocast, self.procs = run.gen, run.dis, run.autocast, procs
+        self.opts = {"gen": run.opt_g, "dis": run.opt_d}
         self.gen_ddp = DistributedDataParallel(run.gen, **ids)
         self.dis_ddp = DistributedDataParallel(run.dis, **ids)
-        self.procs = procs
 
-    def __call__(self, x, z, schedule, y=None):
-        procs, autocast = self.procs, self.autocast
-        with torch.no_grad(), autocast():  # (0) the losses, this rank's share
+    def losses(self, x, z, y=None):
+        self.held = x, z, y
+        with torch.no_grad(), self.autocast():  # this rank's share
             real_logits, fake_logits = self.dis(x, y), self.dis(self.gen(z, y), y)
             local = torch.stack([cost(real_logits, REAL), cost(fake_logits, FAKE), cost(fake_logits, REAL)])
-        losses = procs.average(local)
-        step = choose_step(Losses(*losses, procs.gather(real_logits), procs.gather(fake_logits)), schedule)
-        if step.trained == "dis":
-            with torch.no_grad(), autocast():
-                fake = self.gen(z, y)
-            step.batches = [self.update(self.dis_ddp, fake, y, FAKE, self.opt_d),
-                            self.update(self.dis_ddp, x, y, REAL, self.opt_d)]
-        elif step.trained == "gen":
-            with autocast():
-                logits = self.dis(self.gen_ddp(z, y), y)
-            g_cost = cost(logits, REAL)
-            self.opt_g.zero_grad()
-            g_cost.backward(inputs=list(self.gen.parameters()))  # G's gradients only; DDP averages them
-            self.opt_g.step()
-            step.batches = [(procs.average(g_cost), procs.gather(logits), REAL)]
-        return step
+        return Losses(*self.procs.average(local), self.procs.gather(real_logits), self.procs.gather(fake_logits))
 
-    def update(self, ddp, images, y, label, opt):
-        """One Adam step of D on a batch with one label; the batch's (cost, logits) for the log."""
+    def update(self, net, batch, label):
+        x, z, y = self.held
         with self.autocast():
-            logits = ddp(images, y)
-        batch_cost = cost(logits, label)
+            if net == "gen":
+                logits = self.dis(self.gen_ddp(z, y), y)
+            else:
+                with torch.no_grad():
+                    images = self.gen(z, y) if batch == "fake" else x
+                logits = self.dis_ddp(images, y)
+        batch_cost, opt = cost(logits, label), self.opts[net]
         opt.zero_grad()
-        batch_cost.backward()
+        batch_cost.backward(inputs=opt.param_groups[0]["params"])  # this net's gradients only; DDP averages them
         opt.step()
-        return self.procs.average(batch_cost), self.procs.gather(logits), label
+        return self.procs.average(batch_cost), self.procs.gather(logits)
 
 
 # ====================================================================== threads and memory
@@ -2502,15 +2515,15 @@ class Adam(torch.optim.Adam):
 
 # ====================================================================== CUDA graphs
 
-class GraphedStep:
-    """train_step replayed from CUDA graphs (--cuda_graphs 1, GPU only).
+class GraphedStep(Iteration):
+    """The iteration replayed from CUDA graphs (--cuda_graphs 1, GPU only).
 
     The nets are small, so an eager iteration keeps the GPU waiting on Python to launch a
     couple of hundred tiny kernels; a graph launches them all in one call. The graphs are
-    made of train_step's own functions over fixed input buffers: the evaluation alone, and
-    the evaluation followed by each net's update. An iteration replays the evaluation, reads
-    the losses, chooses, and replays the chosen net's graph, which evaluates D(G(z)) again (the
-    same kernels on the same inputs: the same values) and updates. Capturing needs a few warm-up
+    made of EagerStep's own methods over fixed input buffers: the losses alone, and for each
+    net the losses followed by its updates. An iteration replays the losses, reads them,
+    chooses, and replays the chosen net's graph, which evaluates D(G(z)) again (the same
+    kernels on the same inputs: the same values) and updates. Capturing needs a few warm-up
     updates; parameters and Adam state are put back afterwards, so the run is unchanged.
 
     The returned Step's logits are the graphs' output buffers: valid until the next call (its
@@ -2519,24 +2532,20 @@ class GraphedStep:
     """
 
     def __init__(self, gen, dis, opt_g, opt_d, autocast, capture=True):
-        self.nets, self.opts, self.autocast, self.capture = (gen, dis), (opt_g, opt_d), autocast, capture
+        self.nets, self.opts, self.capture = (gen, dis), (opt_g, opt_d), capture
+        self.eager = EagerStep(gen, dis, opt_g, opt_d, autocast)
         self.x = self.z = self.y = None
 
     def _build(self, x, z, y=None):
-        gen, dis = self.nets
-        opt_g, opt_d = self.opts
+        eager = self.eager
         self.x, self.z = x.clone(), z.clone()  # clone keeps x's memory format
         self.y = None if y is None else y.clone()
 
-        def losses():
-            return compute_losses(gen, dis, self.x, self.z, self.autocast, self.y)
-
-        def train_dis():
-            return update_dis(compute_losses(gen, dis, self.x, self.z, self.autocast, self.y, real=False),
-                              dis, opt_d, self.x, self.autocast, self.y)
-
-        def train_gen():
-            return update_gen(compute_losses(gen, dis, self.x, self.z, self.autocast, self.y, real=False), opt_g)
+        def updates(net):
+            def fn():  # D(x) is left out of these losses: no update reads it
+                eager.losses(self.x, self.z, self.y, real=False)
+                return [eager.update(net, batch, label) for batch, label in UPDATES[net]]
+            return fn
 
         # the graphs read the cached label batches (LABELS is never emptied; held here all the same)
         self.labels = [labels(len(x), label, x.device) for label in (REAL, FAKE)]
@@ -2544,11 +2553,13 @@ class GraphedStep:
         fresh = {id(p) for opt in self.opts for p in opt.param_groups[0]["params"] if not opt.state.get(p)}
         self.graphs, self.outputs = {}, {}
         try:
-            for name, fn in (("losses", losses), ("dis", train_dis), ("gen", train_gen)):
+            for name, fn in (("losses", lambda: eager.losses(self.x, self.z, self.y)),
+                             ("dis", updates("dis")), ("gen", updates("gen"))):
                 self.graphs[name], self.outputs[name] = capture_graph(fn, self.capture)
         except Exception as e:
             raise UserError(f"capturing CUDA graphs failed ({in_one_line(e)}); run with --cuda_graphs 0")
         finally:
+            eager.held = None
             self._put_back(saved, fresh)
 
     def _put_back(self, saved, fresh):
@@ -2572,18 +2583,23 @@ class GraphedStep:
                     tensors += [t for t in opt.state[p].values() if torch.is_tensor(t)]
         return tensors
 
-    def __call__(self, x, z, schedule, y=None):
+    def losses(self, x, z, y=None):
         if self.x is None:
             self._build(x, z, y)
         self.x.copy_(x)
         self.z.copy_(z)
         if y is not None:
             self.y.copy_(y)
-        step = choose_step(self._run("losses"), schedule)
-        if step.trained:
-            # the graphs' outputs are overwritten by the next replay: the log keeps copies
-            step.batches = [(c.clone(), logits.clone(), label) for c, logits, label in self._run(step.trained)]
-        return step
+        self.replayed = None
+        return self._run("losses")
+
+    def update(self, net, batch, label):
+        """The net's first update replays its graph, which makes them all; each is handed out in
+        turn, as copies (the next replay overwrites the graph's outputs)."""
+        if self.replayed is None:
+            self.replayed = iter(self._run(net))
+        cost_, logits = next(self.replayed)
+        return cost_.clone(), logits.clone()
 
     def _run(self, name):
         if not self.capture:
@@ -2649,24 +2665,25 @@ def pytree_tensors(out):
     return [t for item in items for t in pytree_tensors(item)]
 
 
-class CompiledStep:
-    """train_step as two torch.compile'd functions (--compile 1, the CPU's default for uniform).
+class CompiledStep(Iteration):
+    """The iteration as two torch.compile'd functions (--compile 1, the CPU's default for uniform).
 
     The uniform nets are so small that an eager iteration is nearly all per-call overhead:
     about a hundred operator calls and autograd nodes. Compiled, one call evaluates the losses
-    and, at the same parameters, the gradients of both updates the choice may pick: G's from
-    g_loss and D's from d_neg_loss (the gradient left unused costs less than a second call
-    would). The chosen net's gradients go to its Adam; D's update on the real batch, which comes
-    after its first update, is the second compiled function. The arithmetic is train_step's,
-    rounded differently where the compiler fuses operations.
+    and, at the same parameters, the gradients of both updates on the generated batch the choice
+    may pick: G's from g_loss and D's from d_neg_loss (the gradient left unused costs less than
+    a second call would). The chosen net's gradients go to its Adam; D's update on the real
+    batch, which comes after its first update, is the second compiled function. The arithmetic
+    is EagerStep's, rounded differently where the compiler fuses operations.
 
-    The first call compiles (seconds); if that fails (no C++ compiler, an older torch), the
-    run goes on eagerly with train_step after a note.
+    The first call compiles (seconds) and checks the compiled functions against the eager
+    ones on its batch; if compiling fails (no C++ compiler, an older torch) or the check does,
+    the run goes on with EagerStep after a note.
     """
 
     def __init__(self, gen, dis, opt_g, opt_d, autocast, log=print):
         self.opts, self.log = {"gen": opt_g, "dis": opt_d}, log
-        self.eager = functools.partial(train_step, gen, dis, opt_g, opt_d, autocast=autocast)
+        self.eager = EagerStep(gen, dis, opt_g, opt_d, autocast)
         self.ready, self.losses_and_grads, self.dis_on_real = False, None, None  # compiled by the first call
         params = {net: opt.param_groups[0]["params"] for net, opt in self.opts.items()}
 
@@ -2682,6 +2699,29 @@ class CompiledStep:
             return real_cost.detach(), logits.detach(), torch.autograd.grad(real_cost, params["dis"])
 
         self.functions = losses_and_grads, dis_on_real
+
+    def losses(self, x, z, y=None):
+        if not self.ready:
+            self._compile(x, z, y)
+        if self.losses_and_grads is None:
+            return self.eager.losses(x, z, y)
+        values, real_logits, fake_logits, grads = self.losses_and_grads(x, z, y)
+        self.held = x, y, values, fake_logits, grads
+        return Losses(values[0], values[1], values[2], real_logits, fake_logits)
+
+    def update(self, net, batch, label):
+        if self.losses_and_grads is None:
+            return self.eager.update(net, batch, label)
+        x, y, values, fake_logits, grads = self.held
+        if batch == "fake":  # its gradient came with the losses: D's of d_neg_loss, G's of g_loss
+            batch_cost, logits, net_grads = values[1] if label == FAKE else values[2], fake_logits, grads[net]
+        else:
+            batch_cost, logits, net_grads = self.dis_on_real(x, y)
+        opt = self.opts[net]
+        for p, g in zip(opt.param_groups[0]["params"], net_grads):
+            p.grad = g
+        opt.step()
+        return batch_cost, logits
 
     def _compile(self, x, z, y):
         """Compile both functions on the first batch (their calls change nothing), or fall back."""
@@ -2721,30 +2761,6 @@ class CompiledStep:
             for a, b in zip(flat(compiled(*inputs)), flat(eager(*inputs))):
                 gap = max(gap, ((a - b).norm() / b.norm().clamp(min=1e-12)).item())
         return gap
-
-    def __call__(self, x, z, schedule, y=None):
-        if not self.ready:
-            self._compile(x, z, y)
-        if self.losses_and_grads is None:
-            return self.eager(x, z, schedule, y=y)
-        values, real_logits, fake_logits, grads = self.losses_and_grads(x, z, y)
-        step = choose_step(Losses(values[0], values[1], values[2], real_logits, fake_logits), schedule)
-        if step.trained:
-            self.apply_gradients(grads[step.trained], step.trained)
-        if step.trained == "dis":
-            real_cost, logits, real_grads = self.dis_on_real(x, y)
-            self.apply_gradients(real_grads, "dis")
-            step.batches = [(values[1], fake_logits, FAKE), (real_cost, logits, REAL)]
-        elif step.trained == "gen":
-            step.batches = [(values[2], fake_logits, REAL)]
-        return step
-
-    def apply_gradients(self, grads, net):
-        """One Adam step of a net with gradients computed already (descend, without the grad)."""
-        opt = self.opts[net]
-        for p, g in zip(opt.param_groups[0]["params"], grads):
-            p.grad = g
-        opt.step()
 
 
 # ====================================================================== the bf16 transposed convolution
