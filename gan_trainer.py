@@ -564,6 +564,7 @@ def to_unit_range(data):
 
 
 BATCH_BLOCK = 1000   # batches whose rows are drawn at once
+GATHER_BYTES = 1 << 22  # batches gathered from the training set at once: a whole block of points, a few of images
 
 
 def block_indices(n, batch_size, generator, rows=BATCH_BLOCK):
@@ -582,14 +583,23 @@ def block_indices(n, batch_size, generator, rows=BATCH_BLOCK):
         return torch.stack([torch.randperm(n, generator=generator, device=device)[:batch_size].clone()
                             for _ in range(rows)])
     idx = torch.randint(n, (rows, batch_size), generator=generator, device=device)
-    while True:
-        ordered, where = idx.sort(dim=1, stable=True)
-        repeat = torch.zeros_like(idx, dtype=torch.bool)
+    while len(again := rows_with_repeats(idx)):
+        ordered, where = idx[again].sort(dim=1, stable=True)
+        repeat = torch.zeros_like(ordered, dtype=torch.bool)
         repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]  # every copy of an index but its first
         row, col = repeat.nonzero(as_tuple=True)
-        if not len(row):
-            return idx
-        idx[row, where[row, col]] = torch.randint(n, (len(row),), generator=generator, device=device)
+        idx[again[row], where[row, col]] = torch.randint(n, (len(row),), generator=generator, device=device)
+    return idx
+
+
+def rows_with_repeats(idx):
+    """The rows of idx that hold an index more than once (on a CPU, numpy sorts these rows many
+    times faster than torch)."""
+    if idx.device.type == "cpu":
+        ordered = np.sort(idx.numpy(), axis=1)
+        return torch.from_numpy(np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(1)))
+    ordered = idx.sort(dim=1).values
+    return (ordered[:, 1:] == ordered[:, :-1]).any(1).nonzero()[:, 0]
 
 
 def real_batches(data, batch_size, seed, pass_id, start=0, memory_format=torch.contiguous_format, rows=slice(None)):
@@ -600,14 +610,19 @@ def real_batches(data, batch_size, seed, pass_id, start=0, memory_format=torch.c
     The rows come from a generator of their own, seeded by (seed, pass, block): a pass resumed
     at any iteration sees the same batches, and the noise stream is left to torch's generator.
     """
+    one = batch_size * data.x[0].numel() * 4  # bytes of a batch, as floats
     for block in itertools.count(start // BATCH_BLOCK):
         key = np.random.SeedSequence([seed, pass_id, block]).generate_state(1, np.uint64)[0]
         generator = torch.Generator(device=data.x.device).manual_seed(int(key))
-        idx = block_indices(len(data.x), batch_size, generator)
-        for row in idx[max(start - block * BATCH_BLOCK, 0):, rows]:
-            x = to_unit_range(data.x.index_select(0, row))  # index_select: faster than data.x[row] on a CPU
-            x = x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
-            yield x, None if data.y is None else data.y.index_select(0, row)
+        idx = block_indices(len(data.x), batch_size, generator)[max(start - block * BATCH_BLOCK, 0):, rows]
+        # a gather per GATHER_BYTES of batches, not one per batch: the loop's largest cost for points
+        for chunk in idx.split(max(1, GATHER_BYTES // one)):
+            xs = to_unit_range(data.x.index_select(0, chunk.flatten())).unflatten(0, chunk.shape)  # index_select: faster than [] on a CPU
+            for row, x in zip(chunk, xs):
+                # the labels each in a tensor of their own: a compiled kernel cached for whole
+                # tensors computed a conditional step wrongly on views of a larger one
+                yield (x.contiguous(memory_format=memory_format) if x.dim() == 4 else x), \
+                    None if data.y is None else data.y.index_select(0, row)
 
 
 # ====================================================================== the choice rule
@@ -982,8 +997,8 @@ class Run:
         """Account for a trained iteration; returns the trainer summary lines it completes."""
         self.schedule = advance(self.schedule, step.trained)
         self.steps[step.trained] += 1
-        summaries = [self.logs[step.trained].add(*batch) for batch in step.batches]
-        return [line for line in summaries if line]
+        trainer_log = self.logs[step.trained]
+        return [line for batch in step.batches if (line := trainer_log.add(*batch))]
 
     def start_pass(self, pass_id):
         self.pass_id = pass_id
@@ -1112,7 +1127,8 @@ def run_passes(run, data, evaluator, files, args, log):
                 if procs.any(stop.signal is not None, device):
                     stop_with_checkpoint(run, files, log, stop.signal, f"at pass {pass_id} iteration {i}")
                 x, y = next(batches)
-                z = torch.randn(cfg.batch_size, cfg.noise_dim, device=device)[rows]
+                z = torch.randn(cfg.batch_size, cfg.noise_dim, device=device)
+                z = z[rows] if procs.launched else z
                 step = train_one(x, z, run.schedule, y=y)
                 if not step.finite:
                     log.end_pass()
