@@ -209,7 +209,7 @@ def class_indices(values, n, classes):
     return indices if indices.shape == (n,) and ((indices >= 0) & (indices < classes)).all() else None
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")  # torchvision's IMG_EXTENSIONS leaves out GIF
 MOST_CROPS_RESIZED = 16  # the resize, before the crop, may make this many crops' pixels (a thin image could make GBs)
 
 
@@ -252,7 +252,7 @@ def read_image_folder(folder, size, channels, log=print, quiet=True, exclude=(),
     found = cache.load(listing, log, retry)
     if found is not None:
         images, names, skipped, again = found
-        log(f"read {len(names)} images of {shown(folder)} from the cache {shown(cache.npy)}")
+        log(f"read {plural(len(names), 'image')} of {shown(folder)} from the cache {shown(cache.npy)}")
     else:
         images, names, skipped, again = decode_images(folder, [p for p, _ in scan.files], size, channels, quiet, log)
         cache.save(listing, images, names, skipped, again, log)
@@ -324,7 +324,7 @@ def is_run_output(path):
     source, _, kind = os.path.basename(path).rpartition("_")
     if source not in CONFIGS or kind not in ("samples", "params"):
         return False
-    params = Path(path).parent / f"{source}_params"
+    params = output_dirs(Path(path).parent, source, make=False)[1]
     return (params / ".lock").is_file() or any(params.glob("pass_*.pt"))
 
 
@@ -501,12 +501,13 @@ def cached_names(meta, listing):
 
 def class_labels(names, what):
     """The class of each image from the first-level subfolder it sits in (torchvision's
-    ImageFolder convention), and the class names, sorted."""
+    ImageFolder convention), and the class names, sorted: from the names of the images read
+    (torchvision's find_classes scans the folder again, and takes a class of no image)."""
     tops = [Path(name).parts[0] if len(Path(name).parts) > 1 else None for name in names]
     loose = tops.count(None)
     if loose:
         raise UserError(f"{shown(what)}: --conditional 1 needs the images in one subfolder per class; "
-                        f"{loose} sit at the top level")
+                        f"{plural(loose, 'image')} {'sits' if loose == 1 else 'sit'} at the top level")
     classes = tuple(sorted(set(tops)))
     if len(classes) < 2:
         raise UserError(f"{shown(what)}: --conditional 1 needs at least two classes (subfolders with images), "
@@ -650,7 +651,7 @@ def advance(schedule, net):
 
 def cost(logits, label):
     """Cross-entropy of D's 2-way softmax against one label for the whole batch."""
-    return F.cross_entropy(at_least_float32(logits), labels(len(logits), label, logits.device))
+    return F.cross_entropy(at_least_float32(logits), label_batch(len(logits), label, logits.device))
 
 
 def at_least_float32(t):
@@ -661,7 +662,7 @@ def at_least_float32(t):
 LABELS = {}  # (n, label, device) -> a batch of that label: made once (a plain dict, which torch.compile reads)
 
 
-def labels(n, label, device):
+def label_batch(n, label, device):
     key = (n, label, device)
     if key not in LABELS:
         LABELS[key] = torch.full((n,), label, device=device)
@@ -1069,9 +1070,9 @@ def train(args):
     """Train for the configured passes, each followed by its checkpoint, scores and pictures."""
     procs = join_processes(args.use_gpu)  # one process, or one of torchrun's
     try:
-        log = Printer(args.quiet, silent=not procs.main)
+        log = Printer(args.quiet, silent=not procs.writes)
         device = choose_device(args.use_gpu, procs.local_rank if procs.launched else args.gpu_id, log)
-        files = RunFiles(args.out_dir, args.data_source, RunOptions().keep, write=procs.main)  # the run's, once known
+        files = RunFiles(args.out_dir, args.data_source, RunOptions().keep, write=procs.writes)  # the run's, once known
         with files.locked():
             run, data, evaluator = set_up(args, files, device, procs, log)
             if run is not None:
@@ -1097,12 +1098,12 @@ def set_up(args, files, device, procs, log):
     if options.eval_every:
         check_evaluable(cfg.data_source, data_dir)
     load = functools.partial(load_data, cfg, data_dir, device, seed, args.conditional or cfg.conditional, log,
-                             args.quiet or not procs.main, exclude=(files.samples, files.params))
+                             args.quiet or not procs.writes, exclude=(files.samples, files.params))
     # a folder is decoded by one process per machine; the others take the cache it writes as it is
     data = procs.first_on_each_machine(lambda: load(retry=procs.local_rank == 0)) if cfg.data_source == "folder" \
         else load()
     run = start_run(args, fit_to_data(cfg, data, ckpt, log), seed, ckpt, options, device, procs, files, log)
-    evaluator = Evaluator(cfg, data_dir, data.x, log) if options.eval_every and procs.main else None
+    evaluator = Evaluator(cfg, data_dir, data.x, log) if options.eval_every and procs.writes else None
     return run, data, evaluator
 
 
@@ -1113,7 +1114,7 @@ def run_passes(run, data, evaluator, files, args, log):
     train_one = make_step(run, log)  # train_step, or a form of it that computes the same faster (part 3)
     memory_format = torch.channels_last if run.speed.channels_last else torch.contiguous_format
     rows = procs.rows(cfg.batch_size)  # this process's share of each batch (all of it, alone)
-    log(f"training {cfg.data_source} on {device}: {plural(cfg.passes, 'pass')} of {cfg.iters_per_pass} iterations, "
+    log(f"training {cfg.data_source} on {device}: {plural(cfg.passes, 'pass')} of {plural(cfg.iters_per_pass, 'iteration')}, "
         f"batch {cfg.batch_size}, lr {cfg.lr:g}, seed {run.seed}", f"speed: {run.speed.describe()}",
         *filter(None, [bf16_hint(run)]))
     run.started = time.time()
@@ -1184,7 +1185,7 @@ def finish_pass(run, files, evaluator, args, log, seconds, first, stopping=None)
     picture, stats = files.save_picture(run)
     files.draw_plots(pass_id + 1, cfg, force=pass_id + 1 == cfg.passes or stopping is not None or collapsed)
     done = cfg.iters_per_pass - first
-    log(f"Pass={pass_id} done: {done} iterations in {seconds:.1f} s ({100 * seconds / max(done, 1):.2f} s per 100), "
+    log(f"Pass={pass_id} done: {plural(done, 'iteration')} in {seconds:.1f} s ({100 * seconds / max(done, 1):.2f} s per 100), "
         f"D trained {run.steps['dis']} / G {run.steps['gen']} iterations so far{stats}; {picture}, {path}"
         + (f"; a new best {run.quality.metric} {run.quality.best:.4g}, kept as {files.best_path()}" if best else ""))
     return collapsed and run.options.stop_on_collapse
@@ -1223,7 +1224,7 @@ def stop_with_checkpoint(run, files, log, signum, where, written=False):
     if not written:
         files.draw_plots(run.pass_id, run.cfg, force=True)
     name = signal.Signals(signum).name if signum else "a stop signal to another process"
-    if run.processes.main:
+    if run.processes.writes:
         write_stderr(f"{name}: stopped {where}; checkpoint {path}; continue with --resume")
     raise SystemExit(130)
 
@@ -1636,8 +1637,10 @@ def check_fields(d, cls, name, need):
          f"{name} must be {{{', '.join(f'{k}: {t.__name__}' for k, t in fields.items())}}}")
 
 
-def check_config(config, need):
-    """The GANConfig of a checkpoint's "config", each field of the type and range it must have."""
+def check_config(config, need=None):
+    """The GANConfig of a checkpoint's "config", each field of the type and range it must have
+    (need(ok, what) refuses; a checked checkpoint's config needs none)."""
+    need = need or (lambda ok, what: None)
     fields = {f.name: f.type for f in dataclasses.fields(GANConfig)}
     need(isinstance(config, dict) and config.keys() == fields.keys(),
          f"config must have exactly the fields of GANConfig ({', '.join(fields)})")
@@ -1710,12 +1713,6 @@ def check_rng_state(state, need):
                                         for t in cuda), "rng.cuda must be CUDA random states (16 bytes each)")
 
 
-def config_from_checkpoint(ckpt):
-    """The GANConfig a checked checkpoint was made with."""
-    config = ckpt["config"]
-    return GANConfig(**dict(config, sample_shape=tuple(config["sample_shape"]), classes=tuple(config["classes"])))
-
-
 # ====================================================================== configuration of a run
 
 def configure_run(args, params_dir, procs=None, device="cpu"):
@@ -1724,7 +1721,7 @@ def configure_run(args, params_dir, procs=None, device="cpu"):
     if args.resume is None:
         return *fresh_config(args, params_dir, procs or Processes(), device), None
     ckpt = load_resume_checkpoint(args, params_dir)
-    cfg = config_from_checkpoint(ckpt)
+    cfg = check_config(ckpt["config"])
     if args.passes is not None:  # --passes sets the run's new total
         cfg = dataclasses.replace(cfg, passes=args.passes)
     return cfg, ckpt["options"]["seed"], ckpt
@@ -1751,7 +1748,7 @@ def load_resume_checkpoint(args, params_dir):
     elif list_checkpoints(params_dir):
         raise UserError(f"{params_dir} holds another run's checkpoints: resuming {ckpt['path']} there would "
                         "mix the two runs; give an --out_dir without them (the run continues there)")
-    cfg = config_from_checkpoint(ckpt)
+    cfg = check_config(ckpt["config"])
     kept = [(flag, getattr(args, arg), getattr(cfg, field)) for flag, arg, field in RESUME_KEEPS]
     kept += [("--seed", args.seed, ckpt["options"]["seed"]),
              ("--image_size", args.image_size, cfg.sample_shape[-1] if cfg.is_image else None),
@@ -1817,7 +1814,7 @@ def fit_to_data(cfg, data, ckpt, log):
                         f"({', '.join(map(shown, data.classes)) or 'none'}) are not the run's "
                         f"({', '.join(map(shown, cfg.classes)) or 'none'})")
     if ckpt is not None and cfg.images and len(data.x) != cfg.images:
-        log(f"note: the data holds {len(data.x)} images, the run was started on {cfg.images}")
+        log(f"note: the data holds {plural(len(data.x), 'image')}, the run was started on {cfg.images}")
     return dataclasses.replace(cfg, images=len(data.x) if cfg.is_image else 0, classes=data.classes)
 
 
@@ -2291,7 +2288,8 @@ class Processes:
     launched: bool = False  # a process group exists
 
     @property
-    def main(self):
+    def writes(self):
+        """Rank 0, the one process that writes and prints."""
         return self.rank == 0
 
     def rows(self, n):
@@ -2375,7 +2373,9 @@ def leave_processes(procs, done=False):
 
 
 class AllReduceSum(torch.autograd.Function):
-    """The sum of a tensor over the ranks; its gradient is the sum of the ranks' gradients."""
+    """The sum of a tensor over the ranks; its gradient is the sum of the ranks' gradients
+    (torch.distributed.nn.functional.all_reduce, which does the same, is deprecated, and what
+    replaces it is private)."""
 
     @staticmethod
     def forward(ctx, t):
@@ -2564,7 +2564,7 @@ class GraphedStep(Iteration):
             return fn
 
         # the graphs read the cached label batches (LABELS is never emptied; held here all the same)
-        self.labels = [labels(len(x), label, x.device) for label in (REAL, FAKE)]
+        self.labels = [label_batch(len(x), label, x.device) for label in (REAL, FAKE)]
         saved = [t.detach().clone() for t in self._state()]
         fresh = {id(p) for opt in self.opts for p in opt.param_groups[0]["params"] if not opt.state.get(p)}
         self.graphs, self.outputs = {}, {}
@@ -2743,7 +2743,7 @@ class CompiledStep(Iteration):
         """Compile both functions on the first batch (their calls change nothing), or fall back."""
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
         for label in (REAL, FAKE):
-            labels(len(x), label, x.device)
+            label_batch(len(x), label, x.device)
         started = time.time()
         key_the_compile_cache()
         try:
@@ -2839,13 +2839,13 @@ class AdjointConvTranspose(torch.autograd.Function):
 # (--evaluate, --eval_every) against the real data, with the floor real data itself reaches.
 
 def load_generator(args, device):
-    params_dir = Path(args.out_dir) / f"{args.data_source}_params"
+    params_dir = output_dirs(args.out_dir, args.data_source, make=False)[1]
     if args.params == "best":
         args.params = params_dir / BEST_CHECKPOINT
         if not args.params.exists():
             raise UserError(f"no best checkpoint ({args.params}): a run keeps one when it trains with --eval_every K")
     ckpt = load_checkpoint(args.params or params_dir, args.data_source)
-    cfg = config_from_checkpoint(ckpt)
+    cfg = check_config(ckpt["config"])
     gen, _ = build_nets(cfg)
     gen.load_state_dict(ckpt["generator"])
     return cfg, gen.to(device), ckpt["path"]
@@ -2866,17 +2866,17 @@ def generate(args):
     """The tutorial's last step: noise through the trained G; writes FILE.npy and FILE.png
     (conditional: FILE.labels.npy too, the class asked for of each sample)."""
     device = choose_device(args.use_gpu, args.gpu_id, write_stdout)
-    out = output_stem(args.output, Path(args.out_dir) / f"{args.data_source}_samples" / "generated")
+    out = output_stem(args.output, output_dirs(args.out_dir, args.data_source, make=False)[0] / "generated")
     npy, png = out.with_name(out.name + ".npy"), out.with_name(out.name + ".png")
     if png.exists() and re.fullmatch(r"train_pass\d+|losses", out.name):
         raise UserError(f"--output {args.output}: {png} is a training run's picture; give another name")
     cfg, gen, path = load_generator(args, device)
-    labels = sample_labels(cfg, args.generate, args.label)
+    if args.label is not None and not cfg.conditional:
+        raise UserError("--label applies to a conditional generator (trained with --conditional 1)")
+    label = None if args.label is None else class_index(args.label, cfg.classes)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    noise = torch.randn(args.generate, cfg.noise_dim, device=device)
-    samples = generate_samples(gen, noise, cfg.batch_size, labels=None if labels is None else labels.to(device))
-    samples = samples.clamp(-1, 1) if cfg.is_image else samples
+    samples, labels = sample_generator(gen, cfg, torch.randn(args.generate, cfg.noise_dim, device=device), label)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -2885,8 +2885,8 @@ def generate(args):
     if labels is not None:
         save_array(labels.numpy(), out.with_name(out.name + ".labels.npy"))
     columns = min(len(cfg.classes), 10) if labels is not None and args.label is None else 8
-    save_samples(samples, png, f"{args.generate} samples from {path.name}", columns)
-    write_stdout(f"wrote {args.generate} samples of shape {tuple(samples.shape[1:])} from {path} to {npy} and {png}"
+    save_samples(samples, png, f"{plural(args.generate, 'sample')} from {path.name}", columns)
+    write_stdout(f"wrote {plural(args.generate, 'sample')} of shape {tuple(samples.shape[1:])} from {path} to {npy} and {png}"
                  + ("" if labels is None else f" (labels in {out.name}.labels.npy)"))
 
 
@@ -2896,16 +2896,14 @@ def save_array(array, path):
             np.save(f, array)
 
 
-def sample_labels(cfg, n, label=None):
-    """The classes of n samples of a conditional G: all `label` (a class index or name), else
-    cycling over the classes; None for an unconditional G."""
-    if not cfg.conditional:
-        if label is not None:
-            raise UserError("--label applies to a conditional generator (trained with --conditional 1)")
-        return None
-    if label is None:
-        return torch.arange(n) % len(cfg.classes)
-    return torch.full((n,), class_index(label, cfg.classes))
+def sample_generator(gen, cfg, noise, label=None, generator=None):
+    """(samples, classes) of G for noise, as --generate writes them (images clamped to [-1, 1]):
+    a conditional G draws all of class `label` (an index), else the classes in turn."""
+    labels = None
+    if cfg.conditional:
+        labels = torch.arange(len(noise)) % len(cfg.classes) if label is None else torch.full((len(noise),), label)
+    samples = generate_samples(gen, noise, cfg.batch_size, generator, labels)
+    return (samples.clamp(-1, 1) if cfg.is_image else samples), labels
 
 
 def class_index(label, classes, log=write_stdout):
@@ -2938,7 +2936,7 @@ def evaluate(args):
     torch.manual_seed(args.seed if args.seed is not None else 0)
     # the noise --generate draws: --generate N --seed S writes these very samples
     scores = evaluator.score_draws(gen, cfg, args.samples, lambda n: torch.randn(n, cfg.noise_dim, device=device))
-    write_stdout(f"{path}: {args.samples} samples: {format_scores(scores)}")
+    write_stdout(f"{path}: {plural(args.samples, 'sample')}: {format_scores(scores)}")
     evaluator.floor(args.samples)
 
 
@@ -2958,7 +2956,7 @@ def evaluate_file(path, args):
         raise UserError(f"{labels_path(path)}: classes {low} to {high}, but the evaluation features "
                         f"read {plural(len(evaluator.classes), 'class')}" +
                         ("" if evaluator.classes else f" ({cfg.data_source} here has no classes)"))
-    write_stdout(f"{path}: {len(samples)} samples: {format_scores(evaluator.score(samples, labels))}")
+    write_stdout(f"{path}: {plural(len(samples), 'sample')}: {format_scores(evaluator.score(samples, labels))}")
     evaluator.floor(len(samples))
 
 
@@ -3044,17 +3042,17 @@ class Evaluator:
         if cfg.data_source == "uniform":
             return
         if cfg.data_source == "mnist":
-            train = (torch.from_numpy(load_mnist(data_dir).copy()) if data is None else data).cpu()
+            images = (torch.from_numpy(load_mnist(data_dir).copy()) if data is None else data).cpu()
             self.net, self.classes = load_digit_classifier(data_dir, log), tuple("0123456789")
             self.reference, _ = self.features(to_unit_range(torch.from_numpy(load_mnist(data_dir, "test").copy())))
-            self.floor_images = train[-MOST_REAL:]  # not among the training images `memorised` compares with
+            self.floor_images = images[-MOST_REAL:]  # not among the training images `memorised` compares with
         else:
             real = feature_data(cfg, data_dir)
-            self.net, self.classes, train = load_feature_net(real, log), real.classes, real.train
-            self.reference, _ = self.features(to_unit_range(train[:MOST_REAL]))
+            self.net, self.classes, images = load_feature_net(real, log), real.classes, real.training_images
+            self.reference, _ = self.features(to_unit_range(images[:MOST_REAL]))
             self.floor_images = real.held_out
-        self.memory = memory_view(train[:MOST_REAL])
-        self.typical_nn = typical_nearest_distance(train)
+        self.memory = memory_view(images[:MOST_REAL])
+        self.typical_nn = typical_nearest_distance(images)
         self.radii = nearest_neighbour_radii(self.reference)
 
     @torch.no_grad()
@@ -3097,9 +3095,8 @@ class Evaluator:
         """The scores of n samples of G for noise(n) (a conditional G: the classes cycling, as
         --generate draws them); for a conditional G, label_accuracy too, of n / classes more
         samples of each class, drawn as --generate --label K draws them."""
-        labels, z = sample_labels(cfg, n), noise(n)
-        samples = generate_samples(gen, z, cfg.batch_size, generator, None if labels is None else labels.to(z.device))
-        scores = self.score(samples.clamp(-1, 1) if cfg.is_image else samples)  # as --generate writes them
+        samples, labels = sample_generator(gen, cfg, noise(n), generator=generator)
+        scores = self.score(samples)
         if labels is not None:
             scores.update(self.label_accuracy(gen, cfg, n, noise, generator))
         return scores
@@ -3111,10 +3108,9 @@ class Evaluator:
             return {}
         per_class, read, asked = max(1, n // len(cfg.classes)), [], []
         for k in range(len(cfg.classes)):
-            z = noise(per_class)
-            labels = torch.full((per_class,), k, device=z.device)
-            read.append(self.features(generate_samples(gen, z, cfg.batch_size, generator, labels).clamp(-1, 1))[1])
-            asked.append(labels.cpu())
+            samples, labels = sample_generator(gen, cfg, noise(per_class), k, generator)
+            read.append(self.features(samples)[1])
+            asked.append(labels)
         return label_scores(torch.cat(read), torch.cat(asked), len(cfg.classes))
 
     def floor(self, n):
@@ -3320,7 +3316,7 @@ class FeatureData:
     """What a feature net learns from (uint8 images, and their classes where there are), and
     the real images it never sees, which the floor is scored on."""
     what: str
-    train: torch.Tensor
+    training_images: torch.Tensor
     labels: torch.Tensor | None
     classes: tuple
     held_out: torch.Tensor
@@ -3377,7 +3373,7 @@ def load_feature_net(real, log=print, steps=None):
     key = feature_key(real, steps)
     path = cache_folder() / f"features-{key[:16]}.pt"
     kind = f"a classifier of its {len(real.classes)} classes" if real.classes else "a rotation-prediction net"
-    about = (f"({kind}, {len(real.train)} images, cached in {path}; the floor: {len(real.held_out)} held-out "
+    about = (f"({kind}, {len(real.training_images)} images, cached in {path}; the floor: {len(real.held_out)} held-out "
              "images): scores compare runs on this data; they are not Inception FIDs")
     unusable = ""
     if path.exists():
@@ -3389,9 +3385,9 @@ def load_feature_net(real, log=print, steps=None):
             why = weights_only_reason(e) if isinstance(e, pickle.UnpicklingError) else in_one_line(e, most=100)
             unusable = f"; the cached ones were unusable ({why})"
     log(f"training the evaluation features for {real.what} {about}{unusable}")
-    net = FeatureNet(real.train.shape[1], len(real.classes) or 4)
+    net = FeatureNet(real.training_images.shape[1], len(real.classes) or 4)
     task = rotation_loss if real.labels is None else lambda net, x, idx: F.cross_entropy(net(x), real.labels[idx])
-    train_feature_net(net, real.train, task, steps, quiet=not getattr(log, "show_bar", sys.stdout.isatty()))
+    train_feature_net(net, real.training_images, task, steps, quiet=not getattr(log, "show_bar", sys.stdout.isatty()))
     buffer = io.BytesIO()
     torch.save({"state_dict": net.state_dict(), "key": key}, buffer)
     try:
@@ -3410,7 +3406,7 @@ def read_feature_net(path, key, real):
         saved = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
     if not isinstance(saved, dict) or saved.get("key") != key:
         raise ValueError("not the features of these images")
-    net = FeatureNet(real.train.shape[1], len(real.classes) or 4)
+    net = FeatureNet(real.training_images.shape[1], len(real.classes) or 4)
     net.load_state_dict(saved["state_dict"])  # strict: other names or shapes raise
     if not all(t.isfinite().all() for t in net.state_dict().values()):
         raise ValueError("non-finite weights")
@@ -3419,8 +3415,8 @@ def read_feature_net(path, key, real):
 
 def feature_key(real, steps):
     """sha256 of what a feature net is made from: its images, classes and labels, its training."""
-    h = hashlib.sha256(json.dumps([FEATURE_VERSION, steps, list(real.train.shape), list(real.classes)]).encode())
-    h.update(real.train.contiguous().numpy())
+    h = hashlib.sha256(json.dumps([FEATURE_VERSION, steps, list(real.training_images.shape), list(real.classes)]).encode())
+    h.update(real.training_images.contiguous().numpy())
     if real.labels is not None:
         h.update(real.labels.to(torch.int64).contiguous().numpy())
     return h.hexdigest()

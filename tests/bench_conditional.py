@@ -81,7 +81,7 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(2)
     ckpt = gt.load_checkpoint(a.checkpoint, "mnist")
-    cfg = gt.config_from_checkpoint(ckpt)
+    cfg = gt.check_config(ckpt["config"])
     gen, _ = build_nets(cfg)
     gen.load_state_dict(ckpt["generator"])
     gen.eval()

@@ -97,7 +97,7 @@ def mnist(args):
     print("| iterations | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 1))
     for path in gan_trainer.list_checkpoints(out_dir / "folder_params"):
         ckpt = gan_trainer.load_checkpoint(path, "folder")
-        gen, _ = gan_trainer.build_nets(gan_trainer.config_from_checkpoint(ckpt))
+        gen, _ = gan_trainer.build_nets(gan_trainer.check_config(ckpt["config"]))
         gen.load_state_dict(ckpt["generator"])
         rng = torch.Generator().manual_seed(args.seed + ckpt["pass"])  # as --eval_every draws them
         noise = torch.randn(args.samples, cfg.noise_dim, generator=rng)

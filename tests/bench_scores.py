@@ -111,10 +111,10 @@ def folder_evaluator(folder, task="product"):
     product = gt.load_feature_net
 
     def candidate(real, log):
-        net, loss = CANDIDATES[task](real.train.shape[1])
+        net, loss = CANDIDATES[task](real.training_images.shape[1])
         started = time.time()
-        gt.train_feature_net(net, real.train, loss, gt.FEATURE_STEPS, quiet=not sys.stdout.isatty())
-        print(f"{task}: trained on {len(real.train)} images, {gt.FEATURE_STEPS} steps, in {time.time() - started:.0f} s")
+        gt.train_feature_net(net, real.training_images, loss, gt.FEATURE_STEPS, quiet=not sys.stdout.isatty())
+        print(f"{task}: trained on {len(real.training_images)} images, {gt.FEATURE_STEPS} steps, in {time.time() - started:.0f} s")
         return net
     gt.load_feature_net = candidate
     try:

@@ -278,7 +278,7 @@ def test_a_conditional_folder_takes_its_classes_from_the_subfolders(tmp_path, ca
 def test_a_conditional_folder_needs_every_image_in_a_class_folder(tmp_path, capsys):
     root = make_folder(tmp_path / "images", loose=2)
     code, _, err = run_main([*FOLDER_RUN, "--conditional", 1, "--data_dir", root, "--out_dir", tmp_path / "o"], capsys)
-    assert_one_line_error(code, err, "one subfolder per class", "2 sit at the top level")
+    assert_one_line_error(code, err, "one subfolder per class", "2 images sit at the top level")
 
 
 def test_conditional_needs_labelled_images(tmp_path, capsys):

@@ -19,7 +19,7 @@ def copy_params(run, source, out_dir):
 def expected_samples(ckpt_path, n, seed):
     """What --generate n --seed seed must produce with the generator of ckpt_path."""
     ckpt = load_ckpt(ckpt_path)
-    cfg = gan_trainer.config_from_checkpoint(ckpt)
+    cfg = gan_trainer.check_config(ckpt["config"])
     gen, _ = gan_trainer.build_nets(cfg)
     gen.load_state_dict(ckpt["generator"])
     torch.manual_seed(seed)

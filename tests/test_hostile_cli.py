@@ -55,23 +55,19 @@ def test_an_integer_beyond_its_flags_range_is_refused_in_one_line(tmp_path, caps
 CLASSES = ("0", "1", "10", "2")  # as sorted folder names come
 
 
-def conditional(classes=CLASSES):
-    return types.SimpleNamespace(conditional=True, classes=classes)
-
-
 def test_a_label_that_names_a_class_and_indexes_another_takes_the_name_and_says_so(capsys):
-    assert gan_trainer.sample_labels(conditional(), 3, "2").tolist() == [3, 3, 3]
+    assert gan_trainer.class_index("2", CLASSES) == 3
     assert capsys.readouterr().out == "--label 2: the class named '2' (index 3), not the class at index 2 ('10')\n"
     # a name at its own index, a name with no class at its index, an index that is no name: nothing to say
     for label, index in (("1", 1), ("10", 2), ("3", 3)):
-        assert gan_trainer.sample_labels(conditional(), 2, label).tolist() == [index, index]
+        assert gan_trainer.class_index(label, CLASSES) == index
     assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("label", ["²", "1" * 5000])  # str.isdigit() takes both, int() neither
 def test_a_label_that_is_neither_a_name_nor_an_index_is_refused_in_one_line(label):
     with pytest.raises(UserError, match=r"not a class of this generator: 0-3 or 0, 1, 10, 2") as e:
-        gan_trainer.sample_labels(conditional(), 2, label)
+        gan_trainer.class_index(label, CLASSES)
     assert "\n" not in str(e.value)
 
 

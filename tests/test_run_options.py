@@ -1,8 +1,5 @@
 """The run's own options (--keep, --eval_every, --samples, --stop_on_collapse), the best checkpoint
 and the collapse alarm; checkpoints of the previous format still load."""
-import json
-
-import pytest
 import torch
 
 import gan_trainer as gt

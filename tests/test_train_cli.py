@@ -71,7 +71,7 @@ def test_uniform_run_writes_checkpoints(uniform_run):
     assert ckpt["pass"] == 1 and ckpt["iteration"] == 101
     assert ckpt["config"]["data_source"] == "uniform" and ckpt["config"]["batch_size"] == 16
     assert ckpt["schedule"]["net"] in ("dis", "gen") and 1 <= ckpt["schedule"]["strike"] <= 5
-    gen, dis = gan_trainer.build_nets(gan_trainer.config_from_checkpoint(ckpt))
+    gen, dis = gan_trainer.build_nets(gan_trainer.check_config(ckpt["config"]))
     gen.load_state_dict(ckpt["generator"])
     dis.load_state_dict(ckpt["discriminator"])
     assert ckpt["fixed_noise"].shape[1] == 10
