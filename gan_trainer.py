@@ -5,14 +5,14 @@
     python gan_trainer.py -d mnist --generate 64        # apply the trained generator
     python gan_trainer.py -d mnist --evaluate           # score it
 
-The file reads in four parts, each opened by a banner that says what it promises:
-  1. the algorithm: data and batch draws, the choice rule, one iteration (as the tutorial
-     writes it, and the same numbers with shared work), the run's state, the loop;
-  2. the run's files (checkpoints, metrics.jsonl, pictures and plots), its configuration, the
-     console and stop signals;
-  3. speed: options decided once, faster ways to compute the same iteration, and several
-     processes under torchrun;
-  4. applying G: generate and evaluate; then the command line.
+The file reads in the order a run happens, each part opened by a banner that says what it promises:
+  1. the command line, which hands over to train();
+  2. the loop (run_passes): batches in, one iteration each, a checkpoint per pass;
+  3. the step and the choice rule: tutorial_step, the reference; Iteration, the logic written
+     once; EagerStep, the way a CPU computes it for images;
+  4. the run's state (Run, whose state_dict is the checkpoint) and its configuration;
+  5. appendices: A. data sources and file formats, B. the run's files and the console,
+     C. speed (CompiledStep, GraphedStep), D. several processes (DistributedStep), E. applying G.
 The networks and the tutorial's hyper-parameters are in gan_conf.py.
 """
 import argparse
@@ -80,14 +80,991 @@ def in_one_line(e, most=200):
     return f"{type(e).__name__}: {first[:most]}" if first else type(e).__name__
 
 
-# ###################################################################### 1. THE ALGORITHM
+# ###################################################################### 1. THE COMMAND LINE
 #
-# What the tutorial's program does, in the order it does it: the data and how a batch is
-# drawn; the rule that picks the net to train; one iteration, first as the tutorial writes it
-# (tutorial_step: the reference to read), then as the trainer computes it (train_step: the same
-# numbers with less work, tests/test_step_equivalence.py); the state of a run; the loop.
+# main() reads the flags and hands over: to train() (part 2), or to generate() or evaluate()
+# (appendix E). Bad input is refused here, before anything is read or written, in one
+# line on stderr with exit status 1 (UserError); so is a failed write later on, and a process of
+# several that fails says so once.
 
-# ====================================================================== data
+def main(argv=None):
+    try:
+        with signals_interrupt():
+            args = build_parser().parse_args(argv)
+            args.given = given_flags(sys.argv[1:] if argv is None else argv)
+            check_flags_apply(args, args.given)
+            if (args.generate is not None or args.evaluate is not None) and torchrun_rank():
+                raise UserError(f"{'--generate' if args.generate is not None else '--evaluate'} runs in one "
+                                "process: start it with python, not torchrun")
+            if args.generate is not None:
+                generate(args)
+            elif args.evaluate is not None:
+                evaluate(args)
+            else:
+                train(args)
+    except UserError as e:
+        report_failure(f"gan_trainer.py: error{torchrun_rank()}: {e}")
+        return 1
+    except KeyboardInterrupt as e:
+        if rank_0():  # under torchrun, one line for all the processes
+            write_stderr(f"gan_trainer.py: interrupted{f' ({e})' if str(e) else ''}")
+        return 130
+    except (RuntimeError, MemoryError) as e:
+        if lost_another_process(e):
+            report_failure(f"gan_trainer.py: error{torchrun_rank()}: the processes lost touch with each other "
+                           f"({in_one_line(e, most=120)})", first=False)
+            return 1
+        if not out_of_memory(e):
+            raise
+        report_failure(f"gan_trainer.py: error{torchrun_rank()}: out of memory: {out_of_memory(e)}; ask for less "
+                       "(--generate N, --samples N, --batch_size, --hidden_dim, --image_size)")
+        return 1
+    return 0
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the absent ones (None / False), whose help says what happens."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+MOST = 10 ** 9  # counts (passes, iterations, samples, ...): beyond any run, and far from overflowing torch's sizes
+MOST_IMAGE_SIZE = 4096  # far beyond what the tutorial's nets are for: G's first layer grows as the square of it
+
+
+def positive_int(text):
+    return int_in_range(text, 1, MOST)
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    return int_in_range(text, 0, MOST)
+
+
+def int_in_range(text, low, high=None):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+    if value < low or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise argparse.ArgumentTypeError(f"must be an integer {bounds}, got {value}")
+    return value
+
+
+def build_parser():
+    p = OneLineParser(prog="gan_trainer.py", description="Train the PaddlePaddle tutorial GAN in PyTorch.",
+                      formatter_class=HelpFormatter)
+    p.add_argument("-d", "--data_source", required=True, choices=sorted(CONFIGS), help="what to learn")
+    p.add_argument("--use_gpu", default="1", choices=["0", "1"], help="train on a GPU when CUDA is available")
+    p.add_argument("--gpu_id", default=0, type=functools.partial(int_in_range, low=0, high=1023), help="which GPU")
+    g = p.add_argument_group("training (defaults: the tutorial's, per data source)")
+    g.add_argument("--passes", type=positive_int, help="total passes (100); with --resume, the run's new total")
+    g.add_argument("--iters", type=positive_int, help="iterations per pass (10000 uniform, 1000 images)")
+    g.add_argument("--batch_size", type=functools.partial(int_in_range, low=2, high=10 ** 6),
+                   help="batch size (128; at least 2, for batch norm)")
+    g.add_argument("--lr", type=positive_float, help="Adam learning rate (1e-4 uniform, 2e-4 images)")
+    g.add_argument("--seed", type=functools.partial(int_in_range, low=0, high=2 ** 32 - 1),
+                   help="random seed, 0 to 2^32-1 (default: a fresh one, printed)")
+    g.add_argument("--data_dir", metavar="PATH",
+                   help="folder holding mnist_data/ and cifar-10-batches-py/ (default: data); for -d folder, "
+                        "the folder of images (required)")
+    g.add_argument("--image_size", type=functools.partial(int_in_range, low=1, high=MOST_IMAGE_SIZE), metavar="S",
+                   help=f"-d folder: images are resized and centre-cropped to S x S, 8 to {MOST_IMAGE_SIZE} "
+                        "(default 64)")
+    g.add_argument("--channels", type=int, choices=[1, 3], help="-d folder: 1 (grey) or 3 (RGB; the default)")
+    g.add_argument("--conditional", type=int, choices=[0, 1],
+                   help="1: G and D see the class of each image (mnist, cifar, or a folder with one subfolder "
+                        "per class); the pictures show one row per class (default 0)")
+    g.add_argument("--out_dir", default=".", help="where <d>_samples/ and <d>_params/ go")
+    g.add_argument("--resume", nargs="?", const="", metavar="PATH",
+                   help="continue from PATH, or without PATH from the newest checkpoint in <d>_params")
+    g.add_argument("--keep", type=non_negative_int, default=3, metavar="K",
+                   help="checkpoints to keep (newest; best.pt is kept besides); 0 keeps all; with --resume: the run's own")
+    g.add_argument("--quiet", action="store_true", help="no progress bar (log lines still print)")
+    g.add_argument("--eval_every", type=non_negative_int, default=0, metavar="K",
+                   help="score the generator every K passes (0: never), keeping the best as <d>_params/best.pt; "
+                        "see --evaluate; with --resume: the run's own")
+    g.add_argument("--stop_on_collapse", type=int, choices=[0, 1], default=0,
+                   help="1: end the run (with its checkpoint) when --eval_every sees it collapse; "
+                        "with --resume: the run's own")
+    r = p.add_argument_group("opt-in remedies (defaults: the tutorial's nets)")
+    r.add_argument("--d_batch_norm", type=int, choices=[0, 1], help="0: D without batch norm (default 1)")
+    r.add_argument("--hidden_dim", type=functools.partial(int_in_range, low=1, high=10 ** 6), metavar="N",
+                   help="uniform: width of both nets (10)")
+    r.add_argument("--g_sigmoid", type=int, choices=[0, 1], help="uniform: 1: G ends in a sigmoid (default 0)")
+    s = p.add_argument_group("speed (none changes what is computed beyond float rounding, except --bf16)")
+    s.add_argument("--bf16", type=int, choices=[0, 1],
+                   help="bfloat16 autocast for the nets (default 0; with --resume: the run's own)")
+    s.add_argument("--threads", type=functools.partial(int_in_range, low=0, high=1024), default=0, metavar="N",
+                   help="CPU threads (0: 1 for uniform, torch's default for images)")
+    s.add_argument("--channels_last", type=int, choices=[0, 1],
+                   help="channels-last memory layout for the image nets (default: 1 on the CPU, 0 on a GPU; "
+                        "with --resume: the run's own)")
+    s.add_argument("--cuda_graphs", type=int, choices=[0, 1],
+                   help="replay each iteration's kernels from CUDA graphs (default: 1 on a GPU; CPU: not available)")
+    s.add_argument("--compile", type=int, choices=[0, 1],
+                   help="run the step compiled by torch.compile on the CPU (default: 1 for uniform, 0 for images)")
+    a = p.add_argument_group("applying a trained generator")
+    a.add_argument("--generate", type=positive_int, metavar="N", help="write N samples to FILE.npy and FILE.png, then exit")
+    a.add_argument("--evaluate", nargs="?", const="", metavar="FILE",
+                   help="score the trained generator, then exit; with FILE (.npy, as --generate writes it), score "
+                        "the samples in it instead")
+    a.add_argument("--samples", type=functools.partial(int_in_range, low=2, high=MOST), default=10000, metavar="N", help="samples for --evaluate / --eval_every")
+    a.add_argument("--params", metavar="PATH",
+                   help="checkpoint to use (default: the newest in <d>_params; best: <d>_params/best.pt)")
+    a.add_argument("--output", metavar="FILE", help="output name for --generate (default: <d>_samples/generated)")
+    a.add_argument("--label", metavar="K", help="--generate with a conditional G: class K (an index or a name); "
+                                                 "without it the labels cycle over the classes")
+    return p
+
+
+TRAINING_ONLY = ("passes", "iters", "batch_size", "lr", "resume", "keep", "quiet", "eval_every", "stop_on_collapse",
+                 "d_batch_norm",
+                 "hidden_dim", "g_sigmoid", "bf16", "threads", "channels_last", "cuda_graphs", "compile",
+                 "image_size", "channels", "conditional")
+
+
+APPLYING_ONLY = ("params",)
+
+
+def given_flags(argv):
+    """The dests of the flags given on the command line (defaults left out)."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
+def check_flags_apply(args, given):
+    def flag(dest):
+        return "--" + dest
+    if args.generate is not None and args.evaluate is not None:
+        raise UserError("--generate and --evaluate are two actions: give one")
+    action = "--generate" if args.generate is not None else "--evaluate" if args.evaluate is not None else None
+    for dest in sorted(given):
+        if action and dest in TRAINING_ONLY:
+            raise UserError(f"{flag(dest)} does not apply to {action}: it is a training flag")
+        if not action and dest in APPLYING_ONLY:
+            raise UserError(f"{flag(dest)} names the checkpoint for --generate / --evaluate; "
+                            "training continues from one with --resume PATH")
+        if dest in ("output", "label") and action != "--generate":
+            raise UserError(f"{flag(dest)} applies to --generate only")
+        if dest == "data_dir" and action == "--generate":
+            raise UserError("--data_dir does not apply to --generate: it needs the checkpoint only")
+        if dest == "samples" and not (action == "--evaluate" or (not action and args.eval_every)):
+            raise UserError("--samples applies to --evaluate and to training with --eval_every")
+        if args.evaluate and dest in ("params", "samples", "seed"):
+            raise UserError(f"{flag(dest)} does not apply to --evaluate FILE: it scores the samples in the file")
+
+
+def out_of_memory(e):
+    """The allocation failure in e, in words, or None."""
+    if isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))):
+        return in_one_line(e)
+    found = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", str(e))
+    return f"{in_binary_units(int(found.group(1)))} could not be allocated" if found else None
+
+
+def in_binary_units(n):
+    """A number of bytes as "3.2 GiB", "12.5 MiB", "800.0 KiB" or "512 bytes"."""
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return plural(n, "byte")
+
+
+def rank_0():
+    """Whether this is the one process, or rank 0 of torchrun's."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def torchrun_rank():
+    """ " (rank r of n)" in a process that torchrun started with others, else ""."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
+
+
+SAY_AFTER_S = 30.0  # how long a process other than rank 0 waits before it reports a failure
+
+
+def report_failure(line, first=None):
+    """One line on stderr. Under torchrun, processes that fail alike (bad input, say) would each
+    say it: rank 0 says it at once; another rank, or one that lost another process, waits a
+    while first, and ends silently if torchrun ends it meanwhile (SIGTERM), as torchrun ends
+    every process once one has failed: the one that failed has then said why, or torchrun has.
+    (Processes start at different speeds, so the wait is long: rank 0 may still be loading.)"""
+    if first is None:
+        first = rank_0()
+    if torchrun_rank() and not first:
+        def end(signum, frame):
+            if signum == signal.SIGINT:  # Ctrl-C: the user is waiting for the reason
+                write_stderr(line)
+            os._exit(1)
+        for s in STOP_SIGNALS:
+            signal.signal(s, end)
+        time.sleep(SAY_AFTER_S)
+    write_stderr(line)
+
+
+def lost_another_process(e):
+    """Whether an error is a collective's that lost one of torchrun's processes."""
+    if not torchrun_rank():
+        return False
+    return isinstance(e, dist.DistError) or any(
+        words in str(e) for words in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                      "gloo", "NCCL"))
+
+
+# ###################################################################### 2. THE LOOP
+#
+# train() sets a run up (new, or the one --resume continues) and run_passes() is the loop: each
+# iteration draws the real batch and the noise and hands them to the step (part 3), then logs;
+# each pass ends with its checkpoint (before anything optional), its scores (--eval_every), its
+# picture and plots. A stop signal ends a run with a checkpoint to resume from.
+
+def train(args):
+    """Train for the configured passes, each followed by its checkpoint, scores and pictures."""
+    procs = join_processes(args.use_gpu)  # one process, or one of torchrun's
+    try:
+        log = Printer(args.quiet, silent=not procs.writes)
+        device = choose_device(args.use_gpu, procs.local_rank if procs.launched else args.gpu_id, log)
+        files = RunFiles(args.out_dir, args.data_source, RunOptions().keep, write=procs.writes)  # the run's, once known
+        with files.locked():
+            run, data, evaluator = set_up(args, files, device, procs, log)
+            if run is not None:
+                run_passes(run, data, evaluator, files, args, log)
+        leave_processes(procs, done=True)
+    finally:
+        leave_processes(procs)
+
+
+def set_up(args, files, device, procs, log):
+    """The run (new, or the one --resume continues), its data and its evaluator; no run when
+    the run has all its passes already."""
+    cfg, seed, ckpt = configure_run(args, files.params, procs, device)
+    done = resume_position(ckpt)[0] if ckpt is not None else 0
+    if ckpt is not None and done >= cfg.passes:
+        more = f", more than --passes {cfg.passes}" if done > cfg.passes else ""
+        log(f"nothing to do: the run already has {plural(done, 'pass')}{more} (raise --passes to go on)")
+        return None, None, None
+    procs.rows(cfg.batch_size)  # refuses a batch that does not divide over the processes
+    options = RunOptions.decide(args, RunOptions(**ckpt["run_options"]) if ckpt else None)
+    files.keep = options.keep
+    data_dir = args.data_dir or cfg.folder or "data"
+    if options.eval_every:
+        check_evaluable(cfg.data_source, data_dir)
+    load = functools.partial(load_data, cfg, data_dir, device, seed, args.conditional or cfg.conditional, log,
+                             args.quiet or not procs.writes, exclude=(files.samples, files.params))
+    # a folder is decoded by one process per machine; the others take the cache it writes as it is
+    data = procs.first_on_each_machine(lambda: load(retry=procs.local_rank == 0)) if cfg.data_source == "folder" \
+        else load()
+    run = start_run(args, fit_to_data(cfg, data, ckpt, log), seed, ckpt, options, device, procs, files, log)
+    evaluator = Evaluator(cfg, data_dir, data.x, log) if options.eval_every and procs.writes else None
+    return run, data, evaluator
+
+
+def run_passes(run, data, evaluator, files, args, log):
+    """The loop: each pass's iterations (draw the batch and the noise, train one net, log), then
+    the end of the pass."""
+    cfg, device, procs = run.cfg, run.device, run.processes
+    train_one = make_step(run, log)  # an Iteration: EagerStep, or a faster way to compute it (part 3)
+    memory_format = torch.channels_last if run.speed.channels_last else torch.contiguous_format
+    rows = procs.rows(cfg.batch_size)  # this process's share of each batch (all of it, alone)
+    log(f"training {cfg.data_source} on {device}: {plural(cfg.passes, 'pass')} of {plural(cfg.iters_per_pass, 'iteration')}, "
+        f"batch {cfg.batch_size}, lr {cfg.lr:g}, seed {run.seed}", f"speed: {run.speed.describe()}",
+        *filter(None, [bf16_hint(run)]))
+    run.started = time.time()
+    with StopRequest() as stop, files.metrics:
+        for pass_id in range(run.pass_id, cfg.passes):
+            run.start_pass(pass_id)
+            log.start_pass(pass_id, cfg.iters_per_pass, run.iteration)
+            started, first = time.time(), run.iteration
+            batches = real_batches(data, cfg.batch_size, run.seed, pass_id, run.iteration, memory_format, rows)
+            for i in range(run.iteration, cfg.iters_per_pass):
+                if procs.any(stop.signal is not None, device):
+                    stop_with_checkpoint(run, files, log, stop.signal, f"at pass {pass_id} iteration {i}")
+                x, y = next(batches)
+                z = torch.randn(cfg.batch_size, cfg.noise_dim, device=device)
+                z = z[rows] if procs.launched else z
+                step = train_one(x, z, run.schedule, y=y)
+                if not step.finite:
+                    log.end_pass()
+                    last_good = files.last_good_checkpoint()
+                    files.draw_plots(pass_id, cfg, force=True)
+                    raise UserError(f"non-finite loss at pass {pass_id} iteration {i} (d_loss={step.d_loss:g}, "
+                                    f"g_loss={step.g_loss:g}); stopping: {last_good}")
+                log(*run.record(step))
+                run.iteration = i + 1
+                if i % LOG_PERIOD == 0:
+                    log(*loss_lines(step))
+                    files.metrics.add(metrics_line(step, run, i))
+                    log.update(1, d_loss=f"{step.d_loss:.3f}", g_loss=f"{step.g_loss:.3f}")
+                else:
+                    log.update(1)
+            log.end_pass()
+            if finish_pass(run, files, evaluator, args, log, time.time() - started, first, stopping=stop.signal):
+                log(f"stopped after pass {pass_id}: the run has collapsed (--stop_on_collapse 1); "
+                    f"checkpoint {files.checkpoint_path(pass_id)}, best {files.best_path()}")
+                return
+            run.iteration = 0
+            if procs.any(stop.signal is not None, device) and pass_id + 1 < cfg.passes:
+                stop_with_checkpoint(run, files, log, stop.signal, f"after pass {pass_id}", written=True)
+
+
+def start_run(args, cfg, seed, ckpt, options, device, procs, files, log):
+    """The run to train, with its speed options: a new one, or the one a checkpoint continues."""
+    saved = Speed(**ckpt["options"]["speed"]) if ckpt else None
+    speed = Speed.decide(args, cfg, device, saved, log, procs.world)
+    apply_to_process(speed)
+    run = Run(cfg, seed, speed, device, procs, options)
+    if ckpt is None:
+        files.open_metrics()
+        return run
+    run.load_state_dict(ckpt)
+    files.open_metrics(metrics_until(ckpt["path"].parent / "metrics.jsonl", ckpt, log))
+    log(f"resuming {ckpt['path']} at pass {run.pass_id} iteration {run.iteration} of {plural(cfg.passes, 'pass')}")
+    changed = speed.differences(saved)
+    if changed:
+        log(f"note: resuming with {', '.join(changed)}: the run goes on correctly, but its numbers "
+            "will not be bit-identical to an unbroken run's")
+    return run
+
+
+def finish_pass(run, files, evaluator, args, log, seconds, first, stopping=None):
+    """After a pass: its checkpoint first (nothing optional may cost it), then the scores, the
+    picture, the plots and the pass's line."""
+    cfg, pass_id = run.cfg, run.pass_id
+    path = files.save_checkpoint(run)
+    best, collapsed = False, False
+    if evaluator is not None and (pass_id + 1) % run.options.eval_every == 0:
+        best, collapsed = evaluate_pass(run, files, evaluator, log)
+    picture, stats = files.save_picture(run)
+    files.draw_plots(pass_id + 1, cfg, force=pass_id + 1 == cfg.passes or stopping is not None or collapsed)
+    done = cfg.iters_per_pass - first
+    log(f"Pass={pass_id} done: {plural(done, 'iteration')} in {seconds:.1f} s ({100 * seconds / max(done, 1):.2f} s per 100), "
+        f"D trained {run.steps['dis']} / G {run.steps['gen']} iterations so far{stats}; {picture}, {path}"
+        + (f"; a new best {run.quality.metric} {run.quality.best:.4g}, kept as {files.best_path()}" if best else ""))
+    return collapsed and run.options.stop_on_collapse
+
+
+def evaluate_pass(run, files, evaluator, log):
+    """Score G after a pass; keep the checkpoint of the best score as best.pt, and notice a
+    collapse (Quality.judge). The pass's checkpoint is written again with the quality, so that
+    a resume knows the best so far. Returns (a new best, a collapse)."""
+    cfg, pass_id = run.cfg, run.pass_id
+    scores = evaluator.score_generator(run, run.options.samples)
+    log(f"Pass={pass_id} eval: {format_scores(scores)}")
+    at = {"pass": pass_id, "iteration": cfg.iters_per_pass, "step": (pass_id + 1) * cfg.iters_per_pass,
+          "seconds": round(run.seconds(), 3)}
+    files.metrics.add({**at, "eval": scores, "floor": evaluator.floor(run.options.samples)})
+    metric = ranking_metric(cfg)
+    previous = run.quality
+    run.quality, best, collapsed = previous.judge(metric, scores[metric], pass_id)
+    files.save_checkpoint(run)
+    if best:
+        files.save_best(run)
+    if collapsed:
+        files.metrics.add({**at, "collapse": {"metric": metric, "score": scores[metric], "best": previous.best,
+                                              "best_pass": previous.best_pass}})
+        log(f"Pass={pass_id} collapse: {metric} {scores[metric]:.4g} is over {COLLAPSE_FACTOR}x the best "
+            f"({previous.best:.4g}, pass {previous.best_pass}) for {COLLAPSE_STREAK} evaluations in a row; "
+            f"the best checkpoint is {files.best_path()}"
+            + ("" if run.options.stop_on_collapse else " (--stop_on_collapse 1 would end the run here)"))
+    return best, collapsed
+
+
+def stop_with_checkpoint(run, files, log, signum, where, written=False):
+    """A stop signal: checkpoint (unless the pass's own was just written), plots, one line, exit 130."""
+    log.end_pass()
+    path = files.checkpoint_path(run.pass_id) if written else files.save_checkpoint(run)
+    if not written:
+        files.draw_plots(run.pass_id, run.cfg, force=True)
+    name = signal.Signals(signum).name if signum else "a stop signal to another process"
+    if run.processes.writes:
+        write_stderr(f"{name}: stopped {where}; checkpoint {path}; continue with --resume")
+    raise SystemExit(130)
+
+
+# ###################################################################### 3. THE STEP AND THE CHOICE RULE
+#
+# The tutorial's iteration: (0) the losses of the current nets, (1) the choice rule (the net
+# with the larger loss trains, at most MAX_STRIKE times in a row), (2) D's two updates or (3) G's
+# one. tutorial_step is the reference to read; Iteration writes the logic once, and each way of
+# computing it (EagerStep here; CompiledStep, GraphedStep, DistributedStep in appendices C and
+# D) gives only its losses() and update(); tests/test_step_equivalence.py proves them equal.
+
+# ====================================================================== the choice rule
+
+@dataclasses.dataclass
+class Schedule:
+    """Which net trained last and how many iterations in a row (the original's curr_train, curr_strike)."""
+    net: str = "dis"
+    strike: int = 0
+
+
+def choose_net(schedule, d_loss_larger, max_strike=MAX_STRIKE):
+    """'dis' or 'gen': the net with the larger loss trains, but never more than max_strike in a row."""
+    dis_exhausted = schedule.net == "dis" and schedule.strike == max_strike
+    gen_exhausted = schedule.net == "gen" and schedule.strike == max_strike
+    return "dis" if not dis_exhausted and (gen_exhausted or d_loss_larger) else "gen"
+
+
+def advance(schedule, net):
+    """The schedule after training `net`."""
+    return Schedule(net, schedule.strike + 1 if net == schedule.net else 1)
+
+
+# ====================================================================== one iteration
+
+def cost(logits, label):
+    """Cross-entropy of D's 2-way softmax against one label for the whole batch."""
+    return F.cross_entropy(at_least_float32(logits), label_batch(len(logits), label, logits.device))
+
+
+def at_least_float32(t):
+    """bf16 (autocast's logits) made float32; float32 and float64 as they are."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+LABELS = {}  # (n, label, device) -> a batch of that label: made once (a plain dict, which torch.compile reads)
+
+
+def label_batch(n, label, device):
+    key = (n, label, device)
+    if key not in LABELS:
+        LABELS[key] = torch.full((n,), label, device=device)
+    return LABELS[key]
+
+
+@dataclasses.dataclass
+class Losses:
+    """The losses of one iteration, before any update, as tensors (what the choice reads)."""
+    d_pos_loss: torch.Tensor   # D on the real batch x, labelled real
+    d_neg_loss: torch.Tensor   # D on the generated batch G(z), labelled fake
+    g_loss: torch.Tensor       # D on G(z), labelled real: G's cost
+    real_logits: torch.Tensor  # D(x)
+    fake_logits: torch.Tensor  # D(G(z)), with its graph where an update will use it
+
+
+@dataclasses.dataclass
+class Step:
+    """What one iteration did: its losses as host floats (what is logged and what the choice
+    read), whether they were finite, the net it trained, and tensors read only when logged."""
+    d_pos_loss: float
+    d_neg_loss: float
+    g_loss: float
+    finite: bool              # False: a loss was not finite, and nothing was trained
+    trained: str | None       # "dis" or "gen" (None when not finite)
+    real_logits: torch.Tensor
+    fake_logits: torch.Tensor
+    batches: list = dataclasses.field(default_factory=list)  # (cost, D's logits, label) per batch trained on
+
+    @property
+    def d_loss(self):
+        """(d_pos_loss + d_neg_loss) / 2 in float64, as the original computed it in Python."""
+        return (self.d_pos_loss + self.d_neg_loss) / 2
+
+
+def choose_step(losses, schedule):
+    """The Step of these losses: read to the host (the one read per iteration), the choice rule
+    applied; no net when a loss is not finite."""
+    with torch.no_grad():
+        d_pos, d_neg, g = torch.stack([losses.d_pos_loss, losses.d_neg_loss, losses.g_loss]).tolist()
+    finite = math.isfinite(d_pos + d_neg + g)
+    trained = choose_net(schedule, (d_pos + d_neg) / 2 > g) if finite else None
+    return Step(d_pos, d_neg, g, finite, trained, losses.real_logits, losses.fake_logits.detach())
+
+
+def tutorial_step(gen, dis, opt_g, opt_d, x, z, schedule, y=None):
+    """One iteration as the tutorial writes it, sharing no work: the reference that train_step is
+    tested against (tests/test_step_equivalence.py) and timed against (tests/bench_speed.py).
+
+    (0) The losses of the current nets, each from its own forward pass.
+    (1) Choose the net with the larger loss: D if d_loss > g_loss (at most 5 times in a row).
+    (2) Update D: maximise log D(x) + log(1 - D(G(z))): one Adam step on the generated batch
+        labelled fake, then one on the real batch labelled real (each batch normalised alone).
+    (3) Or update G: maximise log D(G(z)): one Adam step of G's parameters through D, labelled
+        real (D's gradients are dropped).
+    With classes (y, the real batch's labels; a conditional run), G draws its batch for the same
+    labels and D sees the label beside each image.
+    """
+    with torch.no_grad():
+        real_logits, fake_logits = dis(x, y), dis(gen(z, y), y)
+        losses = Losses(cost(real_logits, REAL), cost(fake_logits, FAKE), cost(dis(gen(z, y), y), REAL),
+                        real_logits, fake_logits)
+    step = choose_step(losses, schedule)
+    if step.trained == "dis":
+        opt_d.zero_grad()
+        fake_logits = dis(gen(z, y).detach(), y)
+        fake_cost = cost(fake_logits, FAKE)
+        fake_cost.backward()
+        opt_d.step()
+        opt_d.zero_grad()
+        real_logits = dis(x, y)
+        real_cost = cost(real_logits, REAL)
+        real_cost.backward()
+        opt_d.step()
+        step.batches = [(fake_cost.detach(), fake_logits.detach(), FAKE), (real_cost.detach(), real_logits.detach(), REAL)]
+    elif step.trained == "gen":
+        opt_g.zero_grad()
+        fake_logits = dis(gen(z, y), y)
+        g_cost = cost(fake_logits, REAL)
+        g_cost.backward()
+        opt_g.step()
+        opt_d.zero_grad()
+        step.batches = [(g_cost.detach(), fake_logits.detach(), REAL)]
+    return step
+
+
+# (2) D: the generated batch labelled fake, then the real batch labelled real; (3) G: the
+# generated batch through D labelled real. Each is one Adam step of that net.
+UPDATES = {"dis": (("fake", FAKE), ("real", REAL)), "gen": (("fake", REAL),)}
+
+
+class Iteration:
+    """One iteration, written once for every way of computing it: (0) the losses of the current
+    nets, (1) the choice rule, (2) or (3) the chosen net's updates in UPDATES's order; the Step
+    it returns is what the loop logs and what the trainer logs receive.
+
+    A way of computing it (EagerStep; appendices C and D: CompiledStep, GraphedStep, DistributedStep)
+    gives two methods: losses(x, z, y), the Losses before any update, and update(net, batch,
+    label), one Adam step of net on D's cost of that batch ("fake": G(z), "real": x) with
+    that label, returning the batch's (cost, D's logits) for the trainer log."""
+
+    def __call__(self, x, z, schedule, y=None):
+        step = choose_step(self.losses(x, z, y), schedule)
+        for batch, label in UPDATES.get(step.trained, ()):
+            step.batches.append((*self.update(step.trained, batch, label), label))
+        return step
+
+
+class EagerStep(Iteration):
+    """tutorial_step's numbers with less work (the parameters have not changed in between), the
+    default for images on a CPU: one forward of D on G(z) gives d_neg_loss and g_loss, and its
+    graph serves the update that follows; D(x) is evaluated without a graph, since D's update
+    on x comes after its update on G(z) and must be recomputed anyway; gradients are taken for
+    the trained net only."""
+
+    def __init__(self, gen, dis, opt_g, opt_d, autocast=contextlib.nullcontext):
+        self.gen, self.dis, self.autocast, self.opts = gen, dis, autocast, {"gen": opt_g, "dis": opt_d}
+        self.held = None
+
+    def losses(self, x, z, y=None, real=True):
+        self.held = None  # the last iteration's graph goes before this one's is made
+        losses = compute_losses(self.gen, self.dis, x, z, self.autocast, y, real)
+        self.held = losses, x, y
+        return losses
+
+    def update(self, net, batch, label):
+        losses, x, y = self.held
+        if batch == "fake":  # the graph of D(G(z)) from the losses serves
+            loss, logits = (losses.d_neg_loss if label == FAKE else losses.g_loss), losses.fake_logits
+        else:
+            loss, logits = cost_on_real(self.dis, x, self.autocast, y)
+        descend(loss, self.opts[net])
+        return loss.detach(), logits.detach()
+
+
+def train_step(gen, dis, opt_g, opt_d, x, z, schedule, autocast=contextlib.nullcontext, y=None):
+    """One EagerStep iteration of these nets (as the tests and benchmarks call it)."""
+    return EagerStep(gen, dis, opt_g, opt_d, autocast)(x, z, schedule, y)
+
+
+def compute_losses(gen, dis, x, z, autocast, y=None, real=True):
+    """The losses at the current parameters; the graph of D(G(z)) is kept for the update.
+    real=False leaves out D(x) and d_pos_loss, which no update uses (the graphed updates)."""
+    with autocast():
+        fake_logits = dis(gen(z, y), y)
+        with torch.no_grad():
+            real_logits = dis(x, y) if real else None
+    return Losses(cost(real_logits, REAL) if real else None, cost(fake_logits, FAKE), cost(fake_logits, REAL),
+                  real_logits, fake_logits)
+
+
+def cost_on_real(dis, x, autocast, y=None):
+    """D's cost on the real batch, labelled real, and its logits."""
+    with autocast():
+        logits = dis(x, y)
+    return cost(logits, REAL), logits
+
+
+def descend(loss, opt):
+    """One Adam step down the gradient of loss, taken for opt's parameters only (nothing is
+    computed for the other net's). Each gradient replaces the last, so no zero_grad is needed."""
+    params = opt.param_groups[0]["params"]
+    for p, grad in zip(params, torch.autograd.grad(loss, params)):
+        p.grad = grad
+    opt.step()
+
+
+def make_step(run, log=print):
+    """The iteration as run.speed asks for it: under torchrun, DistributedStep; on a GPU, its
+    replay from CUDA graphs (GraphedStep); compiled (CompiledStep, the uniform CPU default);
+    else EagerStep. Each is an Iteration: the same logic, computed its own way."""
+    nets = (run.gen, run.dis, run.opt_g, run.opt_d, run.autocast)
+    if run.speed.processes > 1:
+        return DistributedStep(run, run.processes)
+    if run.speed.cuda_graphs:
+        return GraphedStep(*nets)
+    if run.speed.compile:
+        return CompiledStep(*nets, log=log)
+    return EagerStep(*nets)
+
+
+class TrainerLog:
+    """Paddle's per-trainer summary: every 100 of this net's batches, its average cost and D's error.
+
+    Batches are only queued (their cost and D's logits, no device work); costs and errors are
+    computed for 100 batches at once and summed on the host in batch order, so that a run
+    resumed from a checkpoint prints the very same figures.
+    """
+
+    def __init__(self, name, batch_size):
+        self.name, self.batch_size = name, batch_size
+        self.reset_pass()
+
+    def reset_pass(self):
+        self.batches, self.pass_sums, self.window_sums, self.pending = 0, [0.0, 0.0], [0.0, 0.0], []
+
+    def add(self, batch_cost, logits, label):
+        """Queue one training batch; returns a summary line every LOG_PERIOD batches."""
+        self.pending.append((batch_cost, logits, label))
+        self.batches += 1
+        if self.batches % LOG_PERIOD:
+            return None
+        self.flush()
+        self.pass_sums = [p + w for p, w in zip(self.pass_sums, self.window_sums)]
+        (avg_cost, avg_err), (cur_cost, cur_err) = ([s / self.batches for s in self.pass_sums],
+                                                    [s / LOG_PERIOD for s in self.window_sums])
+        self.window_sums = [0.0, 0.0]
+        metric = f"{self.name}_training_error"
+        return (f"Batch={self.batches} samples={self.batches * self.batch_size} "
+                f"AvgCost={avg_cost:.6g} CurrentCost={cur_cost:.6g} Eval: {metric}={avg_err:.6g}  "
+                f"CurrentEval: {metric}={cur_err:.6g}")
+
+    def flush(self):
+        """Fold the queued batches into the window sums."""
+        if not self.pending:
+            return
+        costs, logits, targets = zip(*self.pending)
+        logits = torch.stack(logits).float()
+        targets = torch.tensor(targets, device=logits.device)[:, None]
+        errors = (logits.argmax(2) != targets).float().mean(1)
+        for c, e in zip(torch.stack(costs).tolist(), errors.tolist()):
+            self.window_sums = [self.window_sums[0] + c, self.window_sums[1] + e]
+        self.pending = []
+
+    def state_dict(self):
+        self.flush()
+        return {"batches": self.batches, "pass_sums": self.pass_sums, "window_sums": self.window_sums}
+
+    def load_state_dict(self, state):
+        self.reset_pass()
+        self.batches, self.pass_sums, self.window_sums = state["batches"], state["pass_sums"], state["window_sums"]
+
+
+def loss_lines(step):
+    """The tutorial's two log lines (float32 values as %g, d_loss with 12 digits like Python 2's str)."""
+    return (f"d_pos_loss is {step.d_pos_loss:.6g}     d_neg_loss is {step.d_neg_loss:.6g}",
+            f"d_loss is {step.d_loss:.12g}    g_loss is {step.g_loss:.6g}")
+
+
+@torch.no_grad()
+def metrics_line(step, run, i):
+    """The metrics.jsonl object of a logged iteration."""
+    return {"pass": run.pass_id, "iteration": i, "step": run.pass_id * run.cfg.iters_per_pass + i,
+            "d_pos_loss": step.d_pos_loss, "d_neg_loss": step.d_neg_loss, "d_loss": step.d_loss,
+            "g_loss": step.g_loss, "trained": step.trained, "strike": run.schedule.strike,
+            "d_real": step.real_logits.float().softmax(1)[:, REAL].mean().item(),
+            "d_fake": step.fake_logits.float().softmax(1)[:, REAL].mean().item(),
+            "d_share": run.steps["dis"] / max(1, run.steps["dis"] + run.steps["gen"]),
+            "seconds": round(run.seconds(), 3)}
+
+
+# ###################################################################### 4. THE RUN'S STATE
+#
+# A Run is everything a run is; its state_dict() is the checkpoint and load_state_dict()
+# continues from one, bit for bit. Then how a run is configured: a new run's flags, or the
+# checked content of the checkpoint it resumes.
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """What a run does besides training, kept as its own so that a plain --resume goes on as the
+    run began: how many checkpoints it keeps, how often it scores G and with how many samples,
+    whether a collapse ends it. A flag given on --resume changes it from then on."""
+    keep: int = 3
+    eval_every: int = 0
+    samples: int = 10000
+    stop_on_collapse: bool = False
+
+    @classmethod
+    def decide(cls, args, saved=None):
+        """The flags given; else the run's own (resuming); else the defaults."""
+        given = getattr(args, "given", set())
+        base = saved or cls()
+        return cls(**{f.name: type(getattr(base, f.name))(getattr(args, f.name))
+                      if f.name in given and getattr(args, f.name) is not None else getattr(base, f.name)
+                      for f in dataclasses.fields(cls)})
+
+
+COLLAPSE_FACTOR = 2   # a score this many times its best, ...
+COLLAPSE_STREAK = 2   # ... this many evaluations in a row, is a collapse
+
+
+@dataclasses.dataclass(frozen=True)
+class Quality:
+    """The run's scores so far, as far as the best checkpoint and the collapse alarm need them:
+    the score that ranks G (lower is better), its best and where, how many evaluations in a row
+    have been far from it, and the pass evaluated last (-1: none yet)."""
+    metric: str = ""
+    best: float = 0.0
+    best_pass: int = -1
+    far_in_a_row: int = 0
+    last_pass: int = -1
+
+    def judge(self, metric, score, pass_id):
+        """(the quality after this evaluation, whether it is a new best, whether it signals a
+        collapse): the score more than COLLAPSE_FACTOR times the best for COLLAPSE_STREAK
+        evaluations in a row (said once, when the streak reaches it)."""
+        if self.best_pass < 0 or score < self.best:
+            return Quality(metric, score, pass_id, 0, pass_id), True, False
+        far = self.far_in_a_row + 1 if score > COLLAPSE_FACTOR * self.best else 0
+        return dataclasses.replace(self, far_in_a_row=far, last_pass=pass_id), False, far == COLLAPSE_STREAK
+
+
+def ranking_metric(cfg):
+    """The score that ranks a generator: the Frechet distance in the evaluation features; for
+    the uniform square, the sliced Wasserstein distance to it."""
+    return "fid" if cfg.is_image else "sliced_w1"
+
+
+class Run:
+    """Everything a run is: its configuration, seed and speed options, the nets and their
+    optimizers, and what the loop carries from one iteration to the next (the schedule, the
+    iteration counts, the trainer logs, the fixed noise of the pictures, the position, the
+    training time). state_dict() is the checkpoint; load_state_dict() continues from one."""
+
+    def __init__(self, cfg, seed, speed, device=None, processes=None, options=None):
+        self.cfg, self.seed, self.speed = cfg, seed, speed
+        self.options, self.quality = options or RunOptions(), Quality()
+        self.device = torch.device(device or speed.device)
+        self.processes = processes or Processes()
+        # the tutorial's nets (gan_conf.py), laid out for speed (appendix C: prepare_nets)
+        self.gen, self.dis = prepare_nets(build_nets(cfg), speed, self.device)
+        # Adam with beta1 0.5, the tutorial's; fused into one kernel per net (appendix C: Adam)
+        self.opt_g, self.opt_d = (Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999), fused=True)
+                                  for net in (self.gen, self.dis))
+        self.autocast = make_autocast(self.device, speed.bf16)  # bf16 or nothing (appendix C)
+        self.schedule, self.steps = Schedule(), {"dis": 0, "gen": 0}
+        self.logs = {"dis": TrainerLog("discriminator", cfg.batch_size), "gen": TrainerLog("generator", cfg.batch_size)}
+        self.fixed_noise, self.fixed_labels = picture_noise(cfg, self.device)
+        self.pass_id, self.iteration, self.elapsed = 0, 0, 0.0
+        self.started = time.time()
+
+    def seconds(self):
+        """Training time so far, the stopped runs' included."""
+        return self.elapsed + time.time() - self.started
+
+    def record(self, step):
+        """Account for a trained iteration; returns the trainer summary lines it completes."""
+        self.schedule = advance(self.schedule, step.trained)
+        self.steps[step.trained] += 1
+        trainer_log = self.logs[step.trained]
+        return [line for batch in step.batches if (line := trainer_log.add(*batch))]
+
+    def start_pass(self, pass_id):
+        self.pass_id = pass_id
+        if self.iteration == 0:
+            for trainer_log in self.logs.values():
+                trainer_log.reset_pass()
+
+    def state_dict(self):
+        no_labels = torch.zeros(0, dtype=torch.int64)
+        return {"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(),
+                "options": {"seed": self.seed, "speed": dataclasses.asdict(self.speed)},
+                "run_options": dataclasses.asdict(self.options), "quality": dataclasses.asdict(self.quality),
+                "generator": self.gen.state_dict(), "discriminator": self.dis.state_dict(),
+                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "rng": rng_state(),
+                "pass": self.pass_id, "iteration": self.iteration, "schedule": dataclasses.asdict(self.schedule),
+                "fixed_noise": self.fixed_noise.cpu(),
+                "fixed_labels": no_labels if self.fixed_labels is None else self.fixed_labels.cpu(),
+                "trainer_logs": {k: v.state_dict() for k, v in self.logs.items()},
+                "steps": dict(self.steps), "elapsed": self.seconds()}
+
+    def load_state_dict(self, ckpt):
+        """Continue from a checkpoint (checked by check_checkpoint); a pass that was finished
+        continues with the next one."""
+        self.gen.load_state_dict(ckpt["generator"])
+        self.dis.load_state_dict(ckpt["discriminator"])
+        self.opt_g.load_state_dict(ckpt["opt_g"])
+        self.opt_d.load_state_dict(ckpt["opt_d"])
+        self.fixed_noise = ckpt["fixed_noise"].to(self.device)
+        self.fixed_labels = ckpt["fixed_labels"].to(self.device) if self.cfg.conditional else None
+        self.schedule, self.steps = Schedule(**ckpt["schedule"]), dict(ckpt["steps"])
+        for k, state in ckpt["trainer_logs"].items():
+            self.logs[k].load_state_dict(state)
+        self.pass_id, self.iteration = resume_position(ckpt)
+        self.elapsed = ckpt["elapsed"]
+        self.quality = Quality(**ckpt["quality"])
+        set_rng_state(ckpt["rng"])
+        self.started = time.time()
+
+
+def resume_position(ckpt):
+    """(pass, iteration) at which a checkpoint continues: a finished pass goes on with the next."""
+    if ckpt["iteration"] >= ckpt["config"]["iters_per_pass"]:
+        return ckpt["pass"] + 1, 0
+    return ckpt["pass"], ckpt["iteration"]
+
+
+PICTURE_COLUMNS = 10  # conditional pictures: one row per class (up to 10), this many samples each
+
+
+def picture_noise(cfg, device):
+    """The fixed noise (and, conditional, labels) of the per-pass pictures, so that passes
+    compare: whole batches, enough for 64 images or 1024 points; conditional, a grid of one row
+    per class, the same noise down each column."""
+    batches = lambda n: -(-n // cfg.batch_size) * cfg.batch_size  # noqa: E731
+    if not cfg.conditional:
+        return torch.randn(batches(64 if cfg.is_image else 1024), cfg.noise_dim, device=device), None
+    rows, k = min(len(cfg.classes), 10), len(cfg.classes)
+    grid = torch.randn(PICTURE_COLUMNS, cfg.noise_dim).repeat(rows, 1)
+    extra = batches(len(grid)) - len(grid)
+    noise = torch.cat([grid, torch.randn(extra, cfg.noise_dim)])
+    labels = torch.cat([torch.arange(rows).repeat_interleave(PICTURE_COLUMNS), torch.arange(extra) % k])
+    return noise.to(device), labels.to(device)
+
+
+# ====================================================================== configuration of a run
+
+def configure_run(args, params_dir, procs=None, device="cpu"):
+    """(configuration, seed, checkpoint) of the run to train: a new one (its random generators
+    seeded, alike in every process), or the one --resume continues (its checkpoint, checked)."""
+    if args.resume is None:
+        return *fresh_config(args, params_dir, procs or Processes(), device), None
+    ckpt = load_resume_checkpoint(args, params_dir)
+    cfg = check_config(ckpt["config"])
+    if args.passes is not None:  # --passes sets the run's new total
+        cfg = dataclasses.replace(cfg, passes=args.passes)
+    return cfg, ckpt["options"]["seed"], ckpt
+
+
+RESUME_KEEPS = (("--iters", "iters", "iters_per_pass"), ("--batch_size", "batch_size", "batch_size"),
+                ("--lr", "lr", "lr"), ("--hidden_dim", "hidden_dim", "hidden_dim"),
+                ("--d_batch_norm", "d_batch_norm", "d_batch_norm"), ("--g_sigmoid", "g_sigmoid", "g_sigmoid"),
+                ("--conditional", "conditional", "conditional"))
+
+
+def load_resume_checkpoint(args, params_dir):
+    """The checkpoint --resume names (or the newest). Refused: one older than the newest of its
+    own folder (it would overwrite the newer ones), one from elsewhere when this run's folder
+    holds another run's files, flags that differ from its configuration."""
+    if not args.resume and not params_dir.is_dir():
+        raise UserError(f"no checkpoint (pass_<N>.pt) in {params_dir}: train first")
+    ckpt = load_checkpoint(args.resume or params_dir, args.data_source, "--resume PATH")
+    if ckpt["path"].parent.resolve() == params_dir.resolve():
+        newer = [p for p in list_checkpoints(params_dir) if int(p.stem[5:]) > ckpt["pass"]]
+        if newer:
+            raise UserError(f"{newer[-1]} is newer than {ckpt['path']}: resuming from the older one would "
+                            f"overwrite the newer ones; move them away first, or --resume from the newest")
+    elif list_checkpoints(params_dir):
+        raise UserError(f"{params_dir} holds another run's checkpoints: resuming {ckpt['path']} there would "
+                        "mix the two runs; give an --out_dir without them (the run continues there)")
+    cfg = check_config(ckpt["config"])
+    kept = [(flag, getattr(args, arg), getattr(cfg, field)) for flag, arg, field in RESUME_KEEPS]
+    kept += [("--seed", args.seed, ckpt["options"]["seed"]),
+             ("--image_size", args.image_size, cfg.sample_shape[-1] if cfg.is_image else None),
+             ("--channels", args.channels, cfg.sample_shape[0] if cfg.is_image else None),
+             ("--data_dir", args.data_dir and cfg.folder and str(Path(args.data_dir).resolve()), cfg.folder)]
+    for flag, given, run_value in kept:
+        if given is not None and run_value is None:
+            raise UserError(f"{flag} does not apply to this {cfg.data_source} run: it learns points, not images")
+        if given is not None and type(run_value)(given) != run_value:
+            # as the flag spells it: a run's True is --conditional 1
+            spelled = int(run_value) if type(run_value) is bool else run_value
+            raise UserError(f"{flag} {given} differs from the run's {spelled}: a resumed run keeps its "
+                            "configuration (a new run, in another --out_dir, can change it)")
+    return ckpt
+
+
+def make_config(args):
+    """A new run's configuration: the tutorial's for the data source, and the flags given."""
+    cfg = CONFIGS[args.data_source]
+    if cfg.is_image and (args.hidden_dim is not None or args.g_sigmoid is not None):
+        raise UserError("--hidden_dim and --g_sigmoid apply to -d uniform only")
+    if args.conditional and not cfg.is_image:
+        raise UserError("--conditional 1 needs images with classes: -d mnist, cifar or folder")
+    if cfg.data_source != "folder" and (args.image_size or args.channels):
+        raise UserError("--image_size and --channels apply to -d folder only (mnist and cifar have their own)")
+    overrides = {"passes": args.passes, "iters_per_pass": args.iters, "batch_size": args.batch_size, "lr": args.lr,
+                 "d_batch_norm": args.d_batch_norm, "hidden_dim": args.hidden_dim, "g_sigmoid": args.g_sigmoid}
+    cfg = dataclasses.replace(cfg, **{k: type(getattr(cfg, k))(v) for k, v in overrides.items() if v is not None})
+    if cfg.data_source == "folder":
+        if not args.data_dir:
+            raise UserError("-d folder needs --data_dir PATH: the folder of images to learn")
+        size, channels = args.image_size or cfg.sample_shape[1], args.channels or cfg.sample_shape[0]
+        if not image_size_ok(size):
+            raise UserError(f"--image_size {size}: the tutorial's nets halve the size three times, so it must be "
+                            f"at least 8; the nearest size that works is {nearest_image_size(size)}")
+        cfg = dataclasses.replace(cfg, sample_shape=(channels, size, size), folder=str(Path(args.data_dir).resolve()))
+    return cfg
+
+
+def nearest_image_size(size):
+    return min((s for s in range(1, 2 * size + 16) if image_size_ok(s)), key=lambda s: (abs(s - size), s))
+
+
+def fresh_config(args, params_dir, procs, device):
+    """Configuration and seed of a new run; seeds every random generator."""
+    if list_checkpoints(params_dir):
+        raise UserError(f"{params_dir} already holds checkpoints of a run: continue it with --resume, "
+                        "or give another --out_dir (or remove them) to start afresh")
+    cfg = make_config(args)
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    seed = procs.broadcast(seed, device)  # one seed for all processes: rank 0's
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return cfg, seed
+
+
+def fit_to_data(cfg, data, ckpt, log):
+    """The configuration with what the data says: a new run records its image count and classes;
+    a resumed one must find the classes it was trained with."""
+    if ckpt is not None and data.classes != cfg.classes:
+        raise UserError(f"{shown(cfg.folder or cfg.data_source)}: the data's classes "
+                        f"({', '.join(map(shown, data.classes)) or 'none'}) are not the run's "
+                        f"({', '.join(map(shown, cfg.classes)) or 'none'})")
+    if ckpt is not None and cfg.images and len(data.x) != cfg.images:
+        log(f"note: the data holds {plural(len(data.x), 'image')}, the run was started on {cfg.images}")
+    return dataclasses.replace(cfg, images=len(data.x) if cfg.is_image else 0, classes=data.classes)
+
+
+# ###################################################################### 5. APPENDICES
+#
+# What the parts above call, one subject each: A. the data sources and their file formats;
+# B. the run's files (checkpoints, metrics.jsonl, pictures and plots) and the console; C. speed;
+# D. several processes under torchrun; E. applying G: generate, evaluate, the scores.
+
+# ====================================================================== A. data sources and their file formats
 
 MOST_IDX_ITEMS = 10 ** 7  # far more than any MNIST file holds (60,000): a header that says more is not MNIST's
 REFETCH = f"fetch it again with {MNIST_SCRIPT}"
@@ -626,618 +1603,13 @@ def real_batches(data, batch_size, seed, pass_id, start=0, memory_format=torch.c
                     None if data.y is None else data.y.index_select(0, row)
 
 
-# ====================================================================== the choice rule
-
-@dataclasses.dataclass
-class Schedule:
-    """Which net trained last and how many iterations in a row (the original's curr_train, curr_strike)."""
-    net: str = "dis"
-    strike: int = 0
-
-
-def choose_net(schedule, d_loss_larger, max_strike=MAX_STRIKE):
-    """'dis' or 'gen': the net with the larger loss trains, but never more than max_strike in a row."""
-    dis_exhausted = schedule.net == "dis" and schedule.strike == max_strike
-    gen_exhausted = schedule.net == "gen" and schedule.strike == max_strike
-    return "dis" if not dis_exhausted and (gen_exhausted or d_loss_larger) else "gen"
-
-
-def advance(schedule, net):
-    """The schedule after training `net`."""
-    return Schedule(net, schedule.strike + 1 if net == schedule.net else 1)
-
-
-# ====================================================================== one iteration
-
-def cost(logits, label):
-    """Cross-entropy of D's 2-way softmax against one label for the whole batch."""
-    return F.cross_entropy(at_least_float32(logits), label_batch(len(logits), label, logits.device))
-
-
-def at_least_float32(t):
-    """bf16 (autocast's logits) made float32; float32 and float64 as they are."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-LABELS = {}  # (n, label, device) -> a batch of that label: made once (a plain dict, which torch.compile reads)
-
-
-def label_batch(n, label, device):
-    key = (n, label, device)
-    if key not in LABELS:
-        LABELS[key] = torch.full((n,), label, device=device)
-    return LABELS[key]
-
-
-@dataclasses.dataclass
-class Losses:
-    """The losses of one iteration, before any update, as tensors (what the choice reads)."""
-    d_pos_loss: torch.Tensor   # D on the real batch x, labelled real
-    d_neg_loss: torch.Tensor   # D on the generated batch G(z), labelled fake
-    g_loss: torch.Tensor       # D on G(z), labelled real: G's cost
-    real_logits: torch.Tensor  # D(x)
-    fake_logits: torch.Tensor  # D(G(z)), with its graph where an update will use it
-
-
-@dataclasses.dataclass
-class Step:
-    """What one iteration did: its losses as host floats (what is logged and what the choice
-    read), whether they were finite, the net it trained, and tensors read only when logged."""
-    d_pos_loss: float
-    d_neg_loss: float
-    g_loss: float
-    finite: bool              # False: a loss was not finite, and nothing was trained
-    trained: str | None       # "dis" or "gen" (None when not finite)
-    real_logits: torch.Tensor
-    fake_logits: torch.Tensor
-    batches: list = dataclasses.field(default_factory=list)  # (cost, D's logits, label) per batch trained on
-
-    @property
-    def d_loss(self):
-        """(d_pos_loss + d_neg_loss) / 2 in float64, as the original computed it in Python."""
-        return (self.d_pos_loss + self.d_neg_loss) / 2
-
-
-def choose_step(losses, schedule):
-    """The Step of these losses: read to the host (the one read per iteration), the choice rule
-    applied; no net when a loss is not finite."""
-    with torch.no_grad():
-        d_pos, d_neg, g = torch.stack([losses.d_pos_loss, losses.d_neg_loss, losses.g_loss]).tolist()
-    finite = math.isfinite(d_pos + d_neg + g)
-    trained = choose_net(schedule, (d_pos + d_neg) / 2 > g) if finite else None
-    return Step(d_pos, d_neg, g, finite, trained, losses.real_logits, losses.fake_logits.detach())
-
-
-def tutorial_step(gen, dis, opt_g, opt_d, x, z, schedule, y=None):
-    """One iteration as the tutorial writes it, sharing no work: the reference that train_step is
-    tested against (tests/test_step_equivalence.py) and timed against (tests/bench_speed.py).
-
-    (0) The losses of the current nets, each from its own forward pass.
-    (1) Choose the net with the larger loss: D if d_loss > g_loss (at most 5 times in a row).
-    (2) Update D: maximise log D(x) + log(1 - D(G(z))): one Adam step on the generated batch
-        labelled fake, then one on the real batch labelled real (each batch normalised alone).
-    (3) Or update G: maximise log D(G(z)): one Adam step of G's parameters through D, labelled
-        real (D's gradients are dropped).
-    With classes (y, the real batch's labels; a conditional run), G draws its batch for the same
-    labels and D sees the label beside each image.
-    """
-    with torch.no_grad():
-        real_logits, fake_logits = dis(x, y), dis(gen(z, y), y)
-        losses = Losses(cost(real_logits, REAL), cost(fake_logits, FAKE), cost(dis(gen(z, y), y), REAL),
-                        real_logits, fake_logits)
-    step = choose_step(losses, schedule)
-    if step.trained == "dis":
-        opt_d.zero_grad()
-        fake_logits = dis(gen(z, y).detach(), y)
-        fake_cost = cost(fake_logits, FAKE)
-        fake_cost.backward()
-        opt_d.step()
-        opt_d.zero_grad()
-        real_logits = dis(x, y)
-        real_cost = cost(real_logits, REAL)
-        real_cost.backward()
-        opt_d.step()
-        step.batches = [(fake_cost.detach(), fake_logits.detach(), FAKE), (real_cost.detach(), real_logits.detach(), REAL)]
-    elif step.trained == "gen":
-        opt_g.zero_grad()
-        fake_logits = dis(gen(z, y), y)
-        g_cost = cost(fake_logits, REAL)
-        g_cost.backward()
-        opt_g.step()
-        opt_d.zero_grad()
-        step.batches = [(g_cost.detach(), fake_logits.detach(), REAL)]
-    return step
-
-
-# (2) D: the generated batch labelled fake, then the real batch labelled real; (3) G: the
-# generated batch through D labelled real. Each is one Adam step of that net.
-UPDATES = {"dis": (("fake", FAKE), ("real", REAL)), "gen": (("fake", REAL),)}
-
-
-class Iteration:
-    """One iteration, written once for every way of computing it: (0) the losses of the current
-    nets, (1) the choice rule, (2) or (3) the chosen net's updates in UPDATES's order; the Step
-    it returns is what the loop logs and what the trainer logs receive.
-
-    A way of computing it (EagerStep; part 5: CompiledStep, GraphedStep, DistributedStep)
-    gives two methods: losses(x, z, y), the Losses before any update, and update(net, batch,
-    label), one Adam step of net on D's cost of that batch ("fake": G(z), "real": x) with
-    that label, returning the batch's (cost, D's logits) for the trainer log."""
-
-    def __call__(self, x, z, schedule, y=None):
-        step = choose_step(self.losses(x, z, y), schedule)
-        for batch, label in UPDATES.get(step.trained, ()):
-            step.batches.append((*self.update(step.trained, batch, label), label))
-        return step
-
-
-class EagerStep(Iteration):
-    """tutorial_step's numbers with less work (the parameters have not changed in between), the
-    default for images on a CPU: one forward of D on G(z) gives d_neg_loss and g_loss, and its
-    graph serves the update that follows; D(x) is evaluated without a graph, since D's update
-    on x comes after its update on G(z) and must be recomputed anyway; gradients are taken for
-    the trained net only."""
-
-    def __init__(self, gen, dis, opt_g, opt_d, autocast=contextlib.nullcontext):
-        self.gen, self.dis, self.autocast, self.opts = gen, dis, autocast, {"gen": opt_g, "dis": opt_d}
-        self.held = None
-
-    def losses(self, x, z, y=None, real=True):
-        self.held = None  # the last iteration's graph goes before this one's is made
-        losses = compute_losses(self.gen, self.dis, x, z, self.autocast, y, real)
-        self.held = losses, x, y
-        return losses
-
-    def update(self, net, batch, label):
-        losses, x, y = self.held
-        if batch == "fake":  # the graph of D(G(z)) from the losses serves
-            loss, logits = (losses.d_neg_loss if label == FAKE else losses.g_loss), losses.fake_logits
-        else:
-            loss, logits = cost_on_real(self.dis, x, self.autocast, y)
-        descend(loss, self.opts[net])
-        return loss.detach(), logits.detach()
-
-
-def train_step(gen, dis, opt_g, opt_d, x, z, schedule, autocast=contextlib.nullcontext, y=None):
-    """One EagerStep iteration of these nets (as the tests and benchmarks call it)."""
-    return EagerStep(gen, dis, opt_g, opt_d, autocast)(x, z, schedule, y)
-
-
-def compute_losses(gen, dis, x, z, autocast, y=None, real=True):
-    """The losses at the current parameters; the graph of D(G(z)) is kept for the update.
-    real=False leaves out D(x) and d_pos_loss, which no update uses (the graphed updates)."""
-    with autocast():
-        fake_logits = dis(gen(z, y), y)
-        with torch.no_grad():
-            real_logits = dis(x, y) if real else None
-    return Losses(cost(real_logits, REAL) if real else None, cost(fake_logits, FAKE), cost(fake_logits, REAL),
-                  real_logits, fake_logits)
-
-
-def cost_on_real(dis, x, autocast, y=None):
-    """D's cost on the real batch, labelled real, and its logits."""
-    with autocast():
-        logits = dis(x, y)
-    return cost(logits, REAL), logits
-
-
-def descend(loss, opt):
-    """One Adam step down the gradient of loss, taken for opt's parameters only (nothing is
-    computed for the other net's). Each gradient replaces the last, so no zero_grad is needed."""
-    params = opt.param_groups[0]["params"]
-    for p, grad in zip(params, torch.autograd.grad(loss, params)):
-        p.grad = grad
-    opt.step()
-
-
-def make_step(run, log=print):
-    """The iteration as run.speed asks for it: under torchrun, DistributedStep; on a GPU, its
-    replay from CUDA graphs (GraphedStep); compiled (CompiledStep, the uniform CPU default);
-    else EagerStep. Each is an Iteration: the same logic, computed its own way."""
-    nets = (run.gen, run.dis, run.opt_g, run.opt_d, run.autocast)
-    if run.speed.processes > 1:
-        return DistributedStep(run, run.processes)
-    if run.speed.cuda_graphs:
-        return GraphedStep(*nets)
-    if run.speed.compile:
-        return CompiledStep(*nets, log=log)
-    return EagerStep(*nets)
-
-
-class TrainerLog:
-    """Paddle's per-trainer summary: every 100 of this net's batches, its average cost and D's error.
-
-    Batches are only queued (their cost and D's logits, no device work); costs and errors are
-    computed for 100 batches at once and summed on the host in batch order, so that a run
-    resumed from a checkpoint prints the very same figures.
-    """
-
-    def __init__(self, name, batch_size):
-        self.name, self.batch_size = name, batch_size
-        self.reset_pass()
-
-    def reset_pass(self):
-        self.batches, self.pass_sums, self.window_sums, self.pending = 0, [0.0, 0.0], [0.0, 0.0], []
-
-    def add(self, batch_cost, logits, label):
-        """Queue one training batch; returns a summary line every LOG_PERIOD batches."""
-        self.pending.append((batch_cost, logits, label))
-        self.batches += 1
-        if self.batches % LOG_PERIOD:
-            return None
-        self.flush()
-        self.pass_sums = [p + w for p, w in zip(self.pass_sums, self.window_sums)]
-        (avg_cost, avg_err), (cur_cost, cur_err) = ([s / self.batches for s in self.pass_sums],
-                                                    [s / LOG_PERIOD for s in self.window_sums])
-        self.window_sums = [0.0, 0.0]
-        metric = f"{self.name}_training_error"
-        return (f"Batch={self.batches} samples={self.batches * self.batch_size} "
-                f"AvgCost={avg_cost:.6g} CurrentCost={cur_cost:.6g} Eval: {metric}={avg_err:.6g}  "
-                f"CurrentEval: {metric}={cur_err:.6g}")
-
-    def flush(self):
-        """Fold the queued batches into the window sums."""
-        if not self.pending:
-            return
-        costs, logits, targets = zip(*self.pending)
-        logits = torch.stack(logits).float()
-        targets = torch.tensor(targets, device=logits.device)[:, None]
-        errors = (logits.argmax(2) != targets).float().mean(1)
-        for c, e in zip(torch.stack(costs).tolist(), errors.tolist()):
-            self.window_sums = [self.window_sums[0] + c, self.window_sums[1] + e]
-        self.pending = []
-
-    def state_dict(self):
-        self.flush()
-        return {"batches": self.batches, "pass_sums": self.pass_sums, "window_sums": self.window_sums}
-
-    def load_state_dict(self, state):
-        self.reset_pass()
-        self.batches, self.pass_sums, self.window_sums = state["batches"], state["pass_sums"], state["window_sums"]
-
-
-def loss_lines(step):
-    """The tutorial's two log lines (float32 values as %g, d_loss with 12 digits like Python 2's str)."""
-    return (f"d_pos_loss is {step.d_pos_loss:.6g}     d_neg_loss is {step.d_neg_loss:.6g}",
-            f"d_loss is {step.d_loss:.12g}    g_loss is {step.g_loss:.6g}")
-
-
-@torch.no_grad()
-def metrics_line(step, run, i):
-    """The metrics.jsonl object of a logged iteration."""
-    return {"pass": run.pass_id, "iteration": i, "step": run.pass_id * run.cfg.iters_per_pass + i,
-            "d_pos_loss": step.d_pos_loss, "d_neg_loss": step.d_neg_loss, "d_loss": step.d_loss,
-            "g_loss": step.g_loss, "trained": step.trained, "strike": run.schedule.strike,
-            "d_real": step.real_logits.float().softmax(1)[:, REAL].mean().item(),
-            "d_fake": step.fake_logits.float().softmax(1)[:, REAL].mean().item(),
-            "d_share": run.steps["dis"] / max(1, run.steps["dis"] + run.steps["gen"]),
-            "seconds": round(run.seconds(), 3)}
-
-
-# ====================================================================== the run's state
-
-@dataclasses.dataclass(frozen=True)
-class RunOptions:
-    """What a run does besides training, kept as its own so that a plain --resume goes on as the
-    run began: how many checkpoints it keeps, how often it scores G and with how many samples,
-    whether a collapse ends it. A flag given on --resume changes it from then on."""
-    keep: int = 3
-    eval_every: int = 0
-    samples: int = 10000
-    stop_on_collapse: bool = False
-
-    @classmethod
-    def decide(cls, args, saved=None):
-        """The flags given; else the run's own (resuming); else the defaults."""
-        given = getattr(args, "given", set())
-        base = saved or cls()
-        return cls(**{f.name: type(getattr(base, f.name))(getattr(args, f.name))
-                      if f.name in given and getattr(args, f.name) is not None else getattr(base, f.name)
-                      for f in dataclasses.fields(cls)})
-
-
-COLLAPSE_FACTOR = 2   # a score this many times its best, ...
-COLLAPSE_STREAK = 2   # ... this many evaluations in a row, is a collapse
-
-
-@dataclasses.dataclass(frozen=True)
-class Quality:
-    """The run's scores so far, as far as the best checkpoint and the collapse alarm need them:
-    the score that ranks G (lower is better), its best and where, how many evaluations in a row
-    have been far from it, and the pass evaluated last (-1: none yet)."""
-    metric: str = ""
-    best: float = 0.0
-    best_pass: int = -1
-    far_in_a_row: int = 0
-    last_pass: int = -1
-
-    def judge(self, metric, score, pass_id):
-        """(the quality after this evaluation, whether it is a new best, whether it signals a
-        collapse): the score more than COLLAPSE_FACTOR times the best for COLLAPSE_STREAK
-        evaluations in a row (said once, when the streak reaches it)."""
-        if self.best_pass < 0 or score < self.best:
-            return Quality(metric, score, pass_id, 0, pass_id), True, False
-        far = self.far_in_a_row + 1 if score > COLLAPSE_FACTOR * self.best else 0
-        return dataclasses.replace(self, far_in_a_row=far, last_pass=pass_id), False, far == COLLAPSE_STREAK
-
-
-def ranking_metric(cfg):
-    """The score that ranks a generator: the Frechet distance in the evaluation features; for
-    the uniform square, the sliced Wasserstein distance to it."""
-    return "fid" if cfg.is_image else "sliced_w1"
-
-
-class Run:
-    """Everything a run is: its configuration, seed and speed options, the nets and their
-    optimizers, and what the loop carries from one iteration to the next (the schedule, the
-    iteration counts, the trainer logs, the fixed noise of the pictures, the position, the
-    training time). state_dict() is the checkpoint; load_state_dict() continues from one."""
-
-    def __init__(self, cfg, seed, speed, device=None, processes=None, options=None):
-        self.cfg, self.seed, self.speed = cfg, seed, speed
-        self.options, self.quality = options or RunOptions(), Quality()
-        self.device = torch.device(device or speed.device)
-        self.processes = processes or Processes()
-        # the tutorial's nets (gan_conf.py), laid out for speed (part 3: prepare_nets)
-        self.gen, self.dis = prepare_nets(build_nets(cfg), speed, self.device)
-        # Adam with beta1 0.5, the tutorial's; fused into one kernel per net (part 3: Adam)
-        self.opt_g, self.opt_d = (Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999), fused=True)
-                                  for net in (self.gen, self.dis))
-        self.autocast = make_autocast(self.device, speed.bf16)  # bf16 or nothing (part 3)
-        self.schedule, self.steps = Schedule(), {"dis": 0, "gen": 0}
-        self.logs = {"dis": TrainerLog("discriminator", cfg.batch_size), "gen": TrainerLog("generator", cfg.batch_size)}
-        self.fixed_noise, self.fixed_labels = picture_noise(cfg, self.device)
-        self.pass_id, self.iteration, self.elapsed = 0, 0, 0.0
-        self.started = time.time()
-
-    def seconds(self):
-        """Training time so far, the stopped runs' included."""
-        return self.elapsed + time.time() - self.started
-
-    def record(self, step):
-        """Account for a trained iteration; returns the trainer summary lines it completes."""
-        self.schedule = advance(self.schedule, step.trained)
-        self.steps[step.trained] += 1
-        trainer_log = self.logs[step.trained]
-        return [line for batch in step.batches if (line := trainer_log.add(*batch))]
-
-    def start_pass(self, pass_id):
-        self.pass_id = pass_id
-        if self.iteration == 0:
-            for trainer_log in self.logs.values():
-                trainer_log.reset_pass()
-
-    def state_dict(self):
-        no_labels = torch.zeros(0, dtype=torch.int64)
-        return {"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(),
-                "options": {"seed": self.seed, "speed": dataclasses.asdict(self.speed)},
-                "run_options": dataclasses.asdict(self.options), "quality": dataclasses.asdict(self.quality),
-                "generator": self.gen.state_dict(), "discriminator": self.dis.state_dict(),
-                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "rng": rng_state(),
-                "pass": self.pass_id, "iteration": self.iteration, "schedule": dataclasses.asdict(self.schedule),
-                "fixed_noise": self.fixed_noise.cpu(),
-                "fixed_labels": no_labels if self.fixed_labels is None else self.fixed_labels.cpu(),
-                "trainer_logs": {k: v.state_dict() for k, v in self.logs.items()},
-                "steps": dict(self.steps), "elapsed": self.seconds()}
-
-    def load_state_dict(self, ckpt):
-        """Continue from a checkpoint (checked by check_checkpoint); a pass that was finished
-        continues with the next one."""
-        self.gen.load_state_dict(ckpt["generator"])
-        self.dis.load_state_dict(ckpt["discriminator"])
-        self.opt_g.load_state_dict(ckpt["opt_g"])
-        self.opt_d.load_state_dict(ckpt["opt_d"])
-        self.fixed_noise = ckpt["fixed_noise"].to(self.device)
-        self.fixed_labels = ckpt["fixed_labels"].to(self.device) if self.cfg.conditional else None
-        self.schedule, self.steps = Schedule(**ckpt["schedule"]), dict(ckpt["steps"])
-        for k, state in ckpt["trainer_logs"].items():
-            self.logs[k].load_state_dict(state)
-        self.pass_id, self.iteration = resume_position(ckpt)
-        self.elapsed = ckpt["elapsed"]
-        self.quality = Quality(**ckpt["quality"])
-        set_rng_state(ckpt["rng"])
-        self.started = time.time()
-
-
-def resume_position(ckpt):
-    """(pass, iteration) at which a checkpoint continues: a finished pass goes on with the next."""
-    if ckpt["iteration"] >= ckpt["config"]["iters_per_pass"]:
-        return ckpt["pass"] + 1, 0
-    return ckpt["pass"], ckpt["iteration"]
-
-
-PICTURE_COLUMNS = 10  # conditional pictures: one row per class (up to 10), this many samples each
-
-
-def picture_noise(cfg, device):
-    """The fixed noise (and, conditional, labels) of the per-pass pictures, so that passes
-    compare: whole batches, enough for 64 images or 1024 points; conditional, a grid of one row
-    per class, the same noise down each column."""
-    batches = lambda n: -(-n // cfg.batch_size) * cfg.batch_size  # noqa: E731
-    if not cfg.conditional:
-        return torch.randn(batches(64 if cfg.is_image else 1024), cfg.noise_dim, device=device), None
-    rows, k = min(len(cfg.classes), 10), len(cfg.classes)
-    grid = torch.randn(PICTURE_COLUMNS, cfg.noise_dim).repeat(rows, 1)
-    extra = batches(len(grid)) - len(grid)
-    noise = torch.cat([grid, torch.randn(extra, cfg.noise_dim)])
-    labels = torch.cat([torch.arange(rows).repeat_interleave(PICTURE_COLUMNS), torch.arange(extra) % k])
-    return noise.to(device), labels.to(device)
-
-
-# ====================================================================== the loop
-
-def train(args):
-    """Train for the configured passes, each followed by its checkpoint, scores and pictures."""
-    procs = join_processes(args.use_gpu)  # one process, or one of torchrun's
-    try:
-        log = Printer(args.quiet, silent=not procs.writes)
-        device = choose_device(args.use_gpu, procs.local_rank if procs.launched else args.gpu_id, log)
-        files = RunFiles(args.out_dir, args.data_source, RunOptions().keep, write=procs.writes)  # the run's, once known
-        with files.locked():
-            run, data, evaluator = set_up(args, files, device, procs, log)
-            if run is not None:
-                run_passes(run, data, evaluator, files, args, log)
-        leave_processes(procs, done=True)
-    finally:
-        leave_processes(procs)
-
-
-def set_up(args, files, device, procs, log):
-    """The run (new, or the one --resume continues), its data and its evaluator; no run when
-    the run has all its passes already."""
-    cfg, seed, ckpt = configure_run(args, files.params, procs, device)
-    done = resume_position(ckpt)[0] if ckpt is not None else 0
-    if ckpt is not None and done >= cfg.passes:
-        more = f", more than --passes {cfg.passes}" if done > cfg.passes else ""
-        log(f"nothing to do: the run already has {plural(done, 'pass')}{more} (raise --passes to go on)")
-        return None, None, None
-    procs.rows(cfg.batch_size)  # refuses a batch that does not divide over the processes
-    options = RunOptions.decide(args, RunOptions(**ckpt["run_options"]) if ckpt else None)
-    files.keep = options.keep
-    data_dir = args.data_dir or cfg.folder or "data"
-    if options.eval_every:
-        check_evaluable(cfg.data_source, data_dir)
-    load = functools.partial(load_data, cfg, data_dir, device, seed, args.conditional or cfg.conditional, log,
-                             args.quiet or not procs.writes, exclude=(files.samples, files.params))
-    # a folder is decoded by one process per machine; the others take the cache it writes as it is
-    data = procs.first_on_each_machine(lambda: load(retry=procs.local_rank == 0)) if cfg.data_source == "folder" \
-        else load()
-    run = start_run(args, fit_to_data(cfg, data, ckpt, log), seed, ckpt, options, device, procs, files, log)
-    evaluator = Evaluator(cfg, data_dir, data.x, log) if options.eval_every and procs.writes else None
-    return run, data, evaluator
-
-
-def run_passes(run, data, evaluator, files, args, log):
-    """The loop: each pass's iterations (draw the batch and the noise, train one net, log), then
-    the end of the pass."""
-    cfg, device, procs = run.cfg, run.device, run.processes
-    train_one = make_step(run, log)  # train_step, or a form of it that computes the same faster (part 3)
-    memory_format = torch.channels_last if run.speed.channels_last else torch.contiguous_format
-    rows = procs.rows(cfg.batch_size)  # this process's share of each batch (all of it, alone)
-    log(f"training {cfg.data_source} on {device}: {plural(cfg.passes, 'pass')} of {plural(cfg.iters_per_pass, 'iteration')}, "
-        f"batch {cfg.batch_size}, lr {cfg.lr:g}, seed {run.seed}", f"speed: {run.speed.describe()}",
-        *filter(None, [bf16_hint(run)]))
-    run.started = time.time()
-    with StopRequest() as stop, files.metrics:
-        for pass_id in range(run.pass_id, cfg.passes):
-            run.start_pass(pass_id)
-            log.start_pass(pass_id, cfg.iters_per_pass, run.iteration)
-            started, first = time.time(), run.iteration
-            batches = real_batches(data, cfg.batch_size, run.seed, pass_id, run.iteration, memory_format, rows)
-            for i in range(run.iteration, cfg.iters_per_pass):
-                if procs.any(stop.signal is not None, device):
-                    stop_with_checkpoint(run, files, log, stop.signal, f"at pass {pass_id} iteration {i}")
-                x, y = next(batches)
-                z = torch.randn(cfg.batch_size, cfg.noise_dim, device=device)
-                z = z[rows] if procs.launched else z
-                step = train_one(x, z, run.schedule, y=y)
-                if not step.finite:
-                    log.end_pass()
-                    last_good = files.last_good_checkpoint()
-                    files.draw_plots(pass_id, cfg, force=True)
-                    raise UserError(f"non-finite loss at pass {pass_id} iteration {i} (d_loss={step.d_loss:g}, "
-                                    f"g_loss={step.g_loss:g}); stopping: {last_good}")
-                log(*run.record(step))
-                run.iteration = i + 1
-                if i % LOG_PERIOD == 0:
-                    log(*loss_lines(step))
-                    files.metrics.add(metrics_line(step, run, i))
-                    log.update(1, d_loss=f"{step.d_loss:.3f}", g_loss=f"{step.g_loss:.3f}")
-                else:
-                    log.update(1)
-            log.end_pass()
-            if finish_pass(run, files, evaluator, args, log, time.time() - started, first, stopping=stop.signal):
-                log(f"stopped after pass {pass_id}: the run has collapsed (--stop_on_collapse 1); "
-                    f"checkpoint {files.checkpoint_path(pass_id)}, best {files.best_path()}")
-                return
-            run.iteration = 0
-            if procs.any(stop.signal is not None, device) and pass_id + 1 < cfg.passes:
-                stop_with_checkpoint(run, files, log, stop.signal, f"after pass {pass_id}", written=True)
-
-
-def start_run(args, cfg, seed, ckpt, options, device, procs, files, log):
-    """The run to train, with its speed options: a new one, or the one a checkpoint continues."""
-    saved = Speed(**ckpt["options"]["speed"]) if ckpt else None
-    speed = Speed.decide(args, cfg, device, saved, log, procs.world)
-    apply_to_process(speed)
-    run = Run(cfg, seed, speed, device, procs, options)
-    if ckpt is None:
-        files.open_metrics()
-        return run
-    run.load_state_dict(ckpt)
-    files.open_metrics(metrics_until(ckpt["path"].parent / "metrics.jsonl", ckpt, log))
-    log(f"resuming {ckpt['path']} at pass {run.pass_id} iteration {run.iteration} of {plural(cfg.passes, 'pass')}")
-    changed = speed.differences(saved)
-    if changed:
-        log(f"note: resuming with {', '.join(changed)}: the run goes on correctly, but its numbers "
-            "will not be bit-identical to an unbroken run's")
-    return run
-
-
-def finish_pass(run, files, evaluator, args, log, seconds, first, stopping=None):
-    """After a pass: its checkpoint first (nothing optional may cost it), then the scores, the
-    picture, the plots and the pass's line."""
-    cfg, pass_id = run.cfg, run.pass_id
-    path = files.save_checkpoint(run)
-    best, collapsed = False, False
-    if evaluator is not None and (pass_id + 1) % run.options.eval_every == 0:
-        best, collapsed = evaluate_pass(run, files, evaluator, log)
-    picture, stats = files.save_picture(run)
-    files.draw_plots(pass_id + 1, cfg, force=pass_id + 1 == cfg.passes or stopping is not None or collapsed)
-    done = cfg.iters_per_pass - first
-    log(f"Pass={pass_id} done: {plural(done, 'iteration')} in {seconds:.1f} s ({100 * seconds / max(done, 1):.2f} s per 100), "
-        f"D trained {run.steps['dis']} / G {run.steps['gen']} iterations so far{stats}; {picture}, {path}"
-        + (f"; a new best {run.quality.metric} {run.quality.best:.4g}, kept as {files.best_path()}" if best else ""))
-    return collapsed and run.options.stop_on_collapse
-
-
-def evaluate_pass(run, files, evaluator, log):
-    """Score G after a pass; keep the checkpoint of the best score as best.pt, and notice a
-    collapse (Quality.judge). The pass's checkpoint is written again with the quality, so that
-    a resume knows the best so far. Returns (a new best, a collapse)."""
-    cfg, pass_id = run.cfg, run.pass_id
-    scores = evaluator.score_generator(run, run.options.samples)
-    log(f"Pass={pass_id} eval: {format_scores(scores)}")
-    at = {"pass": pass_id, "iteration": cfg.iters_per_pass, "step": (pass_id + 1) * cfg.iters_per_pass,
-          "seconds": round(run.seconds(), 3)}
-    files.metrics.add({**at, "eval": scores, "floor": evaluator.floor(run.options.samples)})
-    metric = ranking_metric(cfg)
-    previous = run.quality
-    run.quality, best, collapsed = previous.judge(metric, scores[metric], pass_id)
-    files.save_checkpoint(run)
-    if best:
-        files.save_best(run)
-    if collapsed:
-        files.metrics.add({**at, "collapse": {"metric": metric, "score": scores[metric], "best": previous.best,
-                                              "best_pass": previous.best_pass}})
-        log(f"Pass={pass_id} collapse: {metric} {scores[metric]:.4g} is over {COLLAPSE_FACTOR}x the best "
-            f"({previous.best:.4g}, pass {previous.best_pass}) for {COLLAPSE_STREAK} evaluations in a row; "
-            f"the best checkpoint is {files.best_path()}"
-            + ("" if run.options.stop_on_collapse else " (--stop_on_collapse 1 would end the run here)"))
-    return best, collapsed
-
-
-def stop_with_checkpoint(run, files, log, signum, where, written=False):
-    """A stop signal: checkpoint (unless the pass's own was just written), plots, one line, exit 130."""
-    log.end_pass()
-    path = files.checkpoint_path(run.pass_id) if written else files.save_checkpoint(run)
-    if not written:
-        files.draw_plots(run.pass_id, run.cfg, force=True)
-    name = signal.Signals(signum).name if signum else "a stop signal to another process"
-    if run.processes.writes:
-        write_stderr(f"{name}: stopped {where}; checkpoint {path}; continue with --resume")
-    raise SystemExit(130)
-
-
-# ###################################################################### 2. THE RUN'S FILES
+# ====================================================================== B. the run's files
 #
 # Where a run writes, under --out_dir: <d>_params/ (a checkpoint per pass, metrics.jsonl) and
 # <d>_samples/ (a picture per pass, losses.png, progress.gif). Every file is written to a
 # temporary name and renamed, so a kill never leaves half a file (metrics.jsonl is appended a
 # line at a time; a line cut short is dropped on resume); a failed write ends the run in one
-# line naming the file; the pass's checkpoint is written before anything optional; a run holds
-# its folder for its whole life. Then what a run is configured with (a new run's flags, a
-# checkpoint's checked content), and the console: log lines, the progress bar, stop signals.
+# line naming the file; a run holds its folder for its whole life.
 
 GIF_FRAMES = 20      # most frames in progress.gif
 PLOT_PERIOD = 30     # seconds: losses.png and progress.gif are redrawn after a pass at most this often
@@ -1713,111 +2085,6 @@ def check_rng_state(state, need):
                                         for t in cuda), "rng.cuda must be CUDA random states (16 bytes each)")
 
 
-# ====================================================================== configuration of a run
-
-def configure_run(args, params_dir, procs=None, device="cpu"):
-    """(configuration, seed, checkpoint) of the run to train: a new one (its random generators
-    seeded, alike in every process), or the one --resume continues (its checkpoint, checked)."""
-    if args.resume is None:
-        return *fresh_config(args, params_dir, procs or Processes(), device), None
-    ckpt = load_resume_checkpoint(args, params_dir)
-    cfg = check_config(ckpt["config"])
-    if args.passes is not None:  # --passes sets the run's new total
-        cfg = dataclasses.replace(cfg, passes=args.passes)
-    return cfg, ckpt["options"]["seed"], ckpt
-
-
-RESUME_KEEPS = (("--iters", "iters", "iters_per_pass"), ("--batch_size", "batch_size", "batch_size"),
-                ("--lr", "lr", "lr"), ("--hidden_dim", "hidden_dim", "hidden_dim"),
-                ("--d_batch_norm", "d_batch_norm", "d_batch_norm"), ("--g_sigmoid", "g_sigmoid", "g_sigmoid"),
-                ("--conditional", "conditional", "conditional"))
-
-
-def load_resume_checkpoint(args, params_dir):
-    """The checkpoint --resume names (or the newest). Refused: one older than the newest of its
-    own folder (it would overwrite the newer ones), one from elsewhere when this run's folder
-    holds another run's files, flags that differ from its configuration."""
-    if not args.resume and not params_dir.is_dir():
-        raise UserError(f"no checkpoint (pass_<N>.pt) in {params_dir}: train first")
-    ckpt = load_checkpoint(args.resume or params_dir, args.data_source, "--resume PATH")
-    if ckpt["path"].parent.resolve() == params_dir.resolve():
-        newer = [p for p in list_checkpoints(params_dir) if int(p.stem[5:]) > ckpt["pass"]]
-        if newer:
-            raise UserError(f"{newer[-1]} is newer than {ckpt['path']}: resuming from the older one would "
-                            f"overwrite the newer ones; move them away first, or --resume from the newest")
-    elif list_checkpoints(params_dir):
-        raise UserError(f"{params_dir} holds another run's checkpoints: resuming {ckpt['path']} there would "
-                        "mix the two runs; give an --out_dir without them (the run continues there)")
-    cfg = check_config(ckpt["config"])
-    kept = [(flag, getattr(args, arg), getattr(cfg, field)) for flag, arg, field in RESUME_KEEPS]
-    kept += [("--seed", args.seed, ckpt["options"]["seed"]),
-             ("--image_size", args.image_size, cfg.sample_shape[-1] if cfg.is_image else None),
-             ("--channels", args.channels, cfg.sample_shape[0] if cfg.is_image else None),
-             ("--data_dir", args.data_dir and cfg.folder and str(Path(args.data_dir).resolve()), cfg.folder)]
-    for flag, given, run_value in kept:
-        if given is not None and run_value is None:
-            raise UserError(f"{flag} does not apply to this {cfg.data_source} run: it learns points, not images")
-        if given is not None and type(run_value)(given) != run_value:
-            # as the flag spells it: a run's True is --conditional 1
-            spelled = int(run_value) if type(run_value) is bool else run_value
-            raise UserError(f"{flag} {given} differs from the run's {spelled}: a resumed run keeps its "
-                            "configuration (a new run, in another --out_dir, can change it)")
-    return ckpt
-
-
-def make_config(args):
-    """A new run's configuration: the tutorial's for the data source, and the flags given."""
-    cfg = CONFIGS[args.data_source]
-    if cfg.is_image and (args.hidden_dim is not None or args.g_sigmoid is not None):
-        raise UserError("--hidden_dim and --g_sigmoid apply to -d uniform only")
-    if args.conditional and not cfg.is_image:
-        raise UserError("--conditional 1 needs images with classes: -d mnist, cifar or folder")
-    if cfg.data_source != "folder" and (args.image_size or args.channels):
-        raise UserError("--image_size and --channels apply to -d folder only (mnist and cifar have their own)")
-    overrides = {"passes": args.passes, "iters_per_pass": args.iters, "batch_size": args.batch_size, "lr": args.lr,
-                 "d_batch_norm": args.d_batch_norm, "hidden_dim": args.hidden_dim, "g_sigmoid": args.g_sigmoid}
-    cfg = dataclasses.replace(cfg, **{k: type(getattr(cfg, k))(v) for k, v in overrides.items() if v is not None})
-    if cfg.data_source == "folder":
-        if not args.data_dir:
-            raise UserError("-d folder needs --data_dir PATH: the folder of images to learn")
-        size, channels = args.image_size or cfg.sample_shape[1], args.channels or cfg.sample_shape[0]
-        if not image_size_ok(size):
-            raise UserError(f"--image_size {size}: the tutorial's nets halve the size three times, so it must be "
-                            f"at least 8; the nearest size that works is {nearest_image_size(size)}")
-        cfg = dataclasses.replace(cfg, sample_shape=(channels, size, size), folder=str(Path(args.data_dir).resolve()))
-    return cfg
-
-
-def nearest_image_size(size):
-    return min((s for s in range(1, 2 * size + 16) if image_size_ok(s)), key=lambda s: (abs(s - size), s))
-
-
-def fresh_config(args, params_dir, procs, device):
-    """Configuration and seed of a new run; seeds every random generator."""
-    if list_checkpoints(params_dir):
-        raise UserError(f"{params_dir} already holds checkpoints of a run: continue it with --resume, "
-                        "or give another --out_dir (or remove them) to start afresh")
-    cfg = make_config(args)
-    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
-    seed = procs.broadcast(seed, device)  # one seed for all processes: rank 0's
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    return cfg, seed
-
-
-def fit_to_data(cfg, data, ckpt, log):
-    """The configuration with what the data says: a new run records its image count and classes;
-    a resumed one must find the classes it was trained with."""
-    if ckpt is not None and data.classes != cfg.classes:
-        raise UserError(f"{shown(cfg.folder or cfg.data_source)}: the data's classes "
-                        f"({', '.join(map(shown, data.classes)) or 'none'}) are not the run's "
-                        f"({', '.join(map(shown, cfg.classes)) or 'none'})")
-    if ckpt is not None and cfg.images and len(data.x) != cfg.images:
-        log(f"note: the data holds {plural(len(data.x), 'image')}, the run was started on {cfg.images}")
-    return dataclasses.replace(cfg, images=len(data.x) if cfg.is_image else 0, classes=data.classes)
-
-
 # ====================================================================== metrics.jsonl
 
 class MetricsLog:
@@ -2089,16 +2356,6 @@ class Printer:
             self.bar = None
 
 
-def choose_device(use_gpu, gpu_id, log):
-    if use_gpu == "0":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        log("CUDA is not available: running on the CPU")
-        return torch.device("cpu")
-    if gpu_id >= torch.cuda.device_count():
-        raise UserError(f"--gpu_id {gpu_id}: no such GPU (this machine has {torch.cuda.device_count()})")
-    torch.cuda.set_device(gpu_id)  # streams and graphs are made on the current device
-    return torch.device(f"cuda:{gpu_id}")
 
 
 STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s)
@@ -2146,13 +2403,24 @@ class StopRequest:
             signal.signal(s, h)
 
 
-# ###################################################################### 3. SPEED
+# ====================================================================== C. speed
 #
-# Every class here reproduces train_step (or the torch piece it replaces) with fewer launches,
+# Every class here reproduces EagerStep (or the torch piece it replaces) with fewer launches,
 # fewer Python calls or faster kernels; tests/test_step_equivalence.py and
-# tests/test_compiled_step.py prove each equal to it, bit for bit or to float rounding; the
-# last section spreads it over several processes (tests/test_distributed.py).
+# tests/test_compiled_step.py prove each equal to it, bit for bit or to float rounding.
 # What a run uses is decided once, at start-up, as a Speed (printed, stored in checkpoints).
+
+def choose_device(use_gpu, gpu_id, log):
+    if use_gpu == "0":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        log("CUDA is not available: running on the CPU")
+        return torch.device("cpu")
+    if gpu_id >= torch.cuda.device_count():
+        raise UserError(f"--gpu_id {gpu_id}: no such GPU (this machine has {torch.cuda.device_count()})")
+    torch.cuda.set_device(gpu_id)  # streams and graphs are made on the current device
+    return torch.device(f"cuda:{gpu_id}")
+
 
 @dataclasses.dataclass(frozen=True)
 class Speed:
@@ -2269,203 +2537,6 @@ def make_autocast(device, bf16):
         return contextlib.nullcontext
     # no weight cache: it would not survive CUDA graph replay, and D's weights are cast twice at most
     return lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=False)
-
-
-# ====================================================================== several processes (torchrun)
-#
-# torchrun starts one process per GPU (or several on a CPU); together they train one run with
-# the single process's mathematics: each takes its slice of the global batch's rows and noise,
-# batch norm sees the whole global batch, the losses behind the choice are averaged over the
-# ranks, and DistributedDataParallel averages each update's gradients. Rank 0 alone writes.
-
-@dataclasses.dataclass(frozen=True)
-class Processes:
-    """This process's place among the processes torchrun started: rank `rank` of `world`.
-    Outside torchrun, the one process: rank 0 of 1, and every exchange a no-op."""
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    launched: bool = False  # a process group exists
-
-    @property
-    def writes(self):
-        """Rank 0, the one process that writes and prints."""
-        return self.rank == 0
-
-    def rows(self, n):
-        """This rank's rows of a global batch of n, which must divide evenly over the ranks."""
-        if n % self.world:
-            raise UserError(f"the global batch of {n} (--batch_size) must divide evenly over the "
-                            f"{self.world} processes")
-        return slice(self.rank * n // self.world, (self.rank + 1) * n // self.world)
-
-    def average(self, t):
-        if not self.launched:
-            return t
-        t = t.detach().clone()
-        dist.all_reduce(t)
-        return t / self.world
-
-    def gather(self, t):
-        """The ranks' tensors, one after another in rank order: the global batch's."""
-        if not self.launched:
-            return t
-        parts = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(parts, t.detach().contiguous())
-        return torch.cat(parts)
-
-    def any(self, flag, device):
-        """Whether any rank says so: every rank then acts alike (a stop signal, say)."""
-        if not self.launched:
-            return flag
-        t = torch.tensor([int(flag)], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-    def first_on_each_machine(self, work):
-        """work() in each machine's first process (local rank 0), then in the others."""
-        if not self.launched:
-            return work()
-        if self.local_rank == 0:
-            result = work()
-            dist.barrier()
-            return result
-        dist.barrier()
-        return work()
-
-    def broadcast(self, value, device):
-        """Rank 0's integer, on every rank."""
-        if not self.launched:
-            return value
-        t = torch.tensor([value], dtype=torch.int64, device=device)
-        dist.broadcast(t, 0)
-        return int(t.item())
-
-
-def join_processes(use_gpu):
-    """This run's Processes: under torchrun (RANK and WORLD_SIZE set), this process joins the
-    group, nccl on GPUs (one per local rank), gloo on the CPU; else the one process."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return Processes()
-    import datetime
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    gpu = use_gpu == "1" and torch.cuda.is_available()
-    if gpu:
-        torch.cuda.set_device(local_rank)
-    try:
-        dist.init_process_group("nccl" if gpu else "gloo", timeout=datetime.timedelta(minutes=30))
-    except Exception as e:
-        raise UserError(f"rank {rank}: cannot join torchrun's process group ({in_one_line(e)})")
-    return Processes(rank, world, local_rank, True)
-
-
-def leave_processes(procs, done=False):
-    """Leave the process group: after a run, once every rank is done (one that is still
-    writing rank 0's files is not cut off); after an error, at once."""
-    import gc
-    if procs.launched and dist.is_initialized():
-        with contextlib.suppress(Exception):
-            if done:
-                dist.barrier()
-            gc.collect()  # the DDP wrappers (held in reference cycles) go before their process group
-            dist.destroy_process_group()
-
-
-class AllReduceSum(torch.autograd.Function):
-    """The sum of a tensor over the ranks; its gradient is the sum of the ranks' gradients
-    (torch.distributed.nn.functional.all_reduce, which does the same, is deprecated, and what
-    replaces it is private)."""
-
-    @staticmethod
-    def forward(ctx, t):
-        t = t.clone()
-        dist.all_reduce(t)
-        return t
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-class GlobalBatchNorm:
-    """Batch norm over the global batch, on the CPU, where nn.SyncBatchNorm does not run: the
-    ranks' sums are added up (the mean first, then the squares about it, as the single process
-    computes the variance), so every rank normalises with the single process's statistics.
-    Mixed into the BatchNorm class it replaces: the same parameters and state dict. Only in
-    training mode; in eval mode (pictures, scores, on rank 0 alone) it is the plain batch norm,
-    which our nets' batch norms are in either mode (they keep no running statistics)."""
-
-    def forward(self, x):
-        if not self.training:
-            return super().forward(x)
-        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
-        n = x.numel() // x.shape[1] * dist.get_world_size()
-        x = at_least_float32(x)  # the statistics in float32 at least, as torch's batch norm keeps them
-        mean = AllReduceSum.apply(x.sum(dims)) / n
-        centred = x - mean.view(shape)
-        var = AllReduceSum.apply((centred * centred).sum(dims)) / n
-        return centred / torch.sqrt(var.view(shape) + self.eps) * self.weight.view(shape) + self.bias.view(shape)
-
-
-class GlobalBatchNorm1d(GlobalBatchNorm, nn.BatchNorm1d):
-    pass
-
-
-class GlobalBatchNorm2d(GlobalBatchNorm, nn.BatchNorm2d):
-    pass
-
-
-def global_batch_norm(net, device):
-    """The net with batch norms over the global batch: nn.SyncBatchNorm on GPUs, GlobalBatchNorm
-    on the CPU (the same parameters)."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    for m in net.modules():
-        if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d):
-            m.__class__ = GlobalBatchNorm1d if type(m) is nn.BatchNorm1d else GlobalBatchNorm2d
-    return net
-
-
-class DistributedStep(Iteration):
-    """The iteration on several processes: this rank's slice of the batch, G and D each wrapped
-    in DistributedDataParallel, so that every update averages the ranks' gradients: the
-    gradient of the global batch's mean cost. The losses behind the choice are the ranks'
-    average, so every rank trains the same net. Each update has its own forward, the tutorial's
-    way, as DDP needs a forward through the wrapped net before each backward; the losses and
-    the logged batches hold the global batch's logits."""
-
-    def __init__(self, run, procs):
-        from torch.nn.parallel import DistributedDataParallel
-        ids = {"device_ids": [run.device.index]} if run.device.type == "cuda" else {}
-        self.gen, self.dis, self.autocast, self.procs = run.gen, run.dis, run.autocast, procs
-        self.opts = {"gen": run.opt_g, "dis": run.opt_d}
-        self.gen_ddp = DistributedDataParallel(run.gen, **ids)
-        self.dis_ddp = DistributedDataParallel(run.dis, **ids)
-
-    def losses(self, x, z, y=None):
-        self.held = x, z, y
-        with torch.no_grad(), self.autocast():  # this rank's share
-            real_logits, fake_logits = self.dis(x, y), self.dis(self.gen(z, y), y)
-            local = torch.stack([cost(real_logits, REAL), cost(fake_logits, FAKE), cost(fake_logits, REAL)])
-        return Losses(*self.procs.average(local), self.procs.gather(real_logits), self.procs.gather(fake_logits))
-
-    def update(self, net, batch, label):
-        x, z, y = self.held
-        with self.autocast():
-            if net == "gen":
-                logits = self.dis(self.gen_ddp(z, y), y)
-            else:
-                with torch.no_grad():
-                    images = self.gen(z, y) if batch == "fake" else x
-                logits = self.dis_ddp(images, y)
-        batch_cost, opt = cost(logits, label), self.opts[net]
-        opt.zero_grad()
-        batch_cost.backward(inputs=opt.param_groups[0]["params"])  # this net's gradients only; DDP averages them
-        opt.step()
-        return self.procs.average(batch_cost), self.procs.gather(logits)
 
 
 # ====================================================================== threads and memory
@@ -2833,7 +2904,204 @@ class AdjointConvTranspose(torch.autograd.Function):
         return *grads, None
 
 
-# ###################################################################### 4. APPLYING G
+# ====================================================================== D. several processes (torchrun)
+#
+# torchrun starts one process per GPU (or several on a CPU); together they train one run with
+# the single process's mathematics: each takes its slice of the global batch's rows and noise,
+# batch norm sees the whole global batch, the losses behind the choice are averaged over the
+# ranks, and DistributedDataParallel averages each update's gradients. Rank 0 alone writes.
+
+@dataclasses.dataclass(frozen=True)
+class Processes:
+    """This process's place among the processes torchrun started: rank `rank` of `world`.
+    Outside torchrun, the one process: rank 0 of 1, and every exchange a no-op."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    launched: bool = False  # a process group exists
+
+    @property
+    def writes(self):
+        """Rank 0, the one process that writes and prints."""
+        return self.rank == 0
+
+    def rows(self, n):
+        """This rank's rows of a global batch of n, which must divide evenly over the ranks."""
+        if n % self.world:
+            raise UserError(f"the global batch of {n} (--batch_size) must divide evenly over the "
+                            f"{self.world} processes")
+        return slice(self.rank * n // self.world, (self.rank + 1) * n // self.world)
+
+    def average(self, t):
+        if not self.launched:
+            return t
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        return t / self.world
+
+    def gather(self, t):
+        """The ranks' tensors, one after another in rank order: the global batch's."""
+        if not self.launched:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.detach().contiguous())
+        return torch.cat(parts)
+
+    def any(self, flag, device):
+        """Whether any rank says so: every rank then acts alike (a stop signal, say)."""
+        if not self.launched:
+            return flag
+        t = torch.tensor([int(flag)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def first_on_each_machine(self, work):
+        """work() in each machine's first process (local rank 0), then in the others."""
+        if not self.launched:
+            return work()
+        if self.local_rank == 0:
+            result = work()
+            dist.barrier()
+            return result
+        dist.barrier()
+        return work()
+
+    def broadcast(self, value, device):
+        """Rank 0's integer, on every rank."""
+        if not self.launched:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.broadcast(t, 0)
+        return int(t.item())
+
+
+def join_processes(use_gpu):
+    """This run's Processes: under torchrun (RANK and WORLD_SIZE set), this process joins the
+    group, nccl on GPUs (one per local rank), gloo on the CPU; else the one process."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return Processes()
+    import datetime
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    gpu = use_gpu == "1" and torch.cuda.is_available()
+    if gpu:
+        torch.cuda.set_device(local_rank)
+    try:
+        dist.init_process_group("nccl" if gpu else "gloo", timeout=datetime.timedelta(minutes=30))
+    except Exception as e:
+        raise UserError(f"rank {rank}: cannot join torchrun's process group ({in_one_line(e)})")
+    return Processes(rank, world, local_rank, True)
+
+
+def leave_processes(procs, done=False):
+    """Leave the process group: after a run, once every rank is done (one that is still
+    writing rank 0's files is not cut off); after an error, at once."""
+    import gc
+    if procs.launched and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            if done:
+                dist.barrier()
+            gc.collect()  # the DDP wrappers (held in reference cycles) go before their process group
+            dist.destroy_process_group()
+
+
+class AllReduceSum(torch.autograd.Function):
+    """The sum of a tensor over the ranks; its gradient is the sum of the ranks' gradients
+    (torch.distributed.nn.functional.all_reduce, which does the same, is deprecated, and what
+    replaces it is private)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm:
+    """Batch norm over the global batch, on the CPU, where nn.SyncBatchNorm does not run: the
+    ranks' sums are added up (the mean first, then the squares about it, as the single process
+    computes the variance), so every rank normalises with the single process's statistics.
+    Mixed into the BatchNorm class it replaces: the same parameters and state dict. Only in
+    training mode; in eval mode (pictures, scores, on rank 0 alone) it is the plain batch norm,
+    which our nets' batch norms are in either mode (they keep no running statistics)."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+        n = x.numel() // x.shape[1] * dist.get_world_size()
+        x = at_least_float32(x)  # the statistics in float32 at least, as torch's batch norm keeps them
+        mean = AllReduceSum.apply(x.sum(dims)) / n
+        centred = x - mean.view(shape)
+        var = AllReduceSum.apply((centred * centred).sum(dims)) / n
+        return centred / torch.sqrt(var.view(shape) + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+
+
+class GlobalBatchNorm1d(GlobalBatchNorm, nn.BatchNorm1d):
+    pass
+
+
+class GlobalBatchNorm2d(GlobalBatchNorm, nn.BatchNorm2d):
+    pass
+
+
+def global_batch_norm(net, device):
+    """The net with batch norms over the global batch: nn.SyncBatchNorm on GPUs, GlobalBatchNorm
+    on the CPU (the same parameters)."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    for m in net.modules():
+        if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d):
+            m.__class__ = GlobalBatchNorm1d if type(m) is nn.BatchNorm1d else GlobalBatchNorm2d
+    return net
+
+
+class DistributedStep(Iteration):
+    """The iteration on several processes: this rank's slice of the batch, G and D each wrapped
+    in DistributedDataParallel, so that every update averages the ranks' gradients: the
+    gradient of the global batch's mean cost. The losses behind the choice are the ranks'
+    average, so every rank trains the same net. Each update has its own forward, the tutorial's
+    way, as DDP needs a forward through the wrapped net before each backward; the losses and
+    the logged batches hold the global batch's logits."""
+
+    def __init__(self, run, procs):
+        from torch.nn.parallel import DistributedDataParallel
+        ids = {"device_ids": [run.device.index]} if run.device.type == "cuda" else {}
+        self.gen, self.dis, self.autocast, self.procs = run.gen, run.dis, run.autocast, procs
+        self.opts = {"gen": run.opt_g, "dis": run.opt_d}
+        self.gen_ddp = DistributedDataParallel(run.gen, **ids)
+        self.dis_ddp = DistributedDataParallel(run.dis, **ids)
+
+    def losses(self, x, z, y=None):
+        self.held = x, z, y
+        with torch.no_grad(), self.autocast():  # this rank's share
+            real_logits, fake_logits = self.dis(x, y), self.dis(self.gen(z, y), y)
+            local = torch.stack([cost(real_logits, REAL), cost(fake_logits, FAKE), cost(fake_logits, REAL)])
+        return Losses(*self.procs.average(local), self.procs.gather(real_logits), self.procs.gather(fake_logits))
+
+    def update(self, net, batch, label):
+        x, z, y = self.held
+        with self.autocast():
+            if net == "gen":
+                logits = self.dis(self.gen_ddp(z, y), y)
+            else:
+                with torch.no_grad():
+                    images = self.gen(z, y) if batch == "fake" else x
+                logits = self.dis_ddp(images, y)
+        batch_cost, opt = cost(logits, label), self.opts[net]
+        opt.zero_grad()
+        batch_cost.backward(inputs=opt.param_groups[0]["params"])  # this net's gradients only; DDP averages them
+        opt.step()
+        return self.procs.average(batch_cost), self.procs.gather(logits)
+
+
+# ====================================================================== E. applying G
 #
 # What a trained generator is for: samples (--generate), and scores of how good they are
 # (--evaluate, --eval_every) against the real data, with the floor real data itself reaches.
@@ -3452,254 +3720,6 @@ def rotation_loss(net, x, idx=None):
     for k in range(1, 4):
         x[turns == k] = x[turns == k].rot90(k, (2, 3))
     return F.cross_entropy(net(x), turns)
-
-
-# ###################################################################### the command line
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except the absent ones (None / False), whose help says what happens."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-MOST = 10 ** 9  # counts (passes, iterations, samples, ...): beyond any run, and far from overflowing torch's sizes
-MOST_IMAGE_SIZE = 4096  # far beyond what the tutorial's nets are for: G's first layer grows as the square of it
-
-
-def positive_int(text):
-    return int_in_range(text, 1, MOST)
-
-
-def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def non_negative_int(text):
-    return int_in_range(text, 0, MOST)
-
-
-def int_in_range(text, low, high=None):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
-    if value < low or (high is not None and value > high):
-        bounds = f"from {low} to {high}" if high is not None else f">= {low}"
-        raise argparse.ArgumentTypeError(f"must be an integer {bounds}, got {value}")
-    return value
-
-
-def build_parser():
-    p = OneLineParser(prog="gan_trainer.py", description="Train the PaddlePaddle tutorial GAN in PyTorch.",
-                      formatter_class=HelpFormatter)
-    p.add_argument("-d", "--data_source", required=True, choices=sorted(CONFIGS), help="what to learn")
-    p.add_argument("--use_gpu", default="1", choices=["0", "1"], help="train on a GPU when CUDA is available")
-    p.add_argument("--gpu_id", default=0, type=functools.partial(int_in_range, low=0, high=1023), help="which GPU")
-    g = p.add_argument_group("training (defaults: the tutorial's, per data source)")
-    g.add_argument("--passes", type=positive_int, help="total passes (100); with --resume, the run's new total")
-    g.add_argument("--iters", type=positive_int, help="iterations per pass (10000 uniform, 1000 images)")
-    g.add_argument("--batch_size", type=functools.partial(int_in_range, low=2, high=10 ** 6),
-                   help="batch size (128; at least 2, for batch norm)")
-    g.add_argument("--lr", type=positive_float, help="Adam learning rate (1e-4 uniform, 2e-4 images)")
-    g.add_argument("--seed", type=functools.partial(int_in_range, low=0, high=2 ** 32 - 1),
-                   help="random seed, 0 to 2^32-1 (default: a fresh one, printed)")
-    g.add_argument("--data_dir", metavar="PATH",
-                   help="folder holding mnist_data/ and cifar-10-batches-py/ (default: data); for -d folder, "
-                        "the folder of images (required)")
-    g.add_argument("--image_size", type=functools.partial(int_in_range, low=1, high=MOST_IMAGE_SIZE), metavar="S",
-                   help=f"-d folder: images are resized and centre-cropped to S x S, 8 to {MOST_IMAGE_SIZE} "
-                        "(default 64)")
-    g.add_argument("--channels", type=int, choices=[1, 3], help="-d folder: 1 (grey) or 3 (RGB; the default)")
-    g.add_argument("--conditional", type=int, choices=[0, 1],
-                   help="1: G and D see the class of each image (mnist, cifar, or a folder with one subfolder "
-                        "per class); the pictures show one row per class (default 0)")
-    g.add_argument("--out_dir", default=".", help="where <d>_samples/ and <d>_params/ go")
-    g.add_argument("--resume", nargs="?", const="", metavar="PATH",
-                   help="continue from PATH, or without PATH from the newest checkpoint in <d>_params")
-    g.add_argument("--keep", type=non_negative_int, default=3, metavar="K",
-                   help="checkpoints to keep (newest; best.pt is kept besides); 0 keeps all; with --resume: the run's own")
-    g.add_argument("--quiet", action="store_true", help="no progress bar (log lines still print)")
-    g.add_argument("--eval_every", type=non_negative_int, default=0, metavar="K",
-                   help="score the generator every K passes (0: never), keeping the best as <d>_params/best.pt; "
-                        "see --evaluate; with --resume: the run's own")
-    g.add_argument("--stop_on_collapse", type=int, choices=[0, 1], default=0,
-                   help="1: end the run (with its checkpoint) when --eval_every sees it collapse; "
-                        "with --resume: the run's own")
-    r = p.add_argument_group("opt-in remedies (defaults: the tutorial's nets)")
-    r.add_argument("--d_batch_norm", type=int, choices=[0, 1], help="0: D without batch norm (default 1)")
-    r.add_argument("--hidden_dim", type=functools.partial(int_in_range, low=1, high=10 ** 6), metavar="N",
-                   help="uniform: width of both nets (10)")
-    r.add_argument("--g_sigmoid", type=int, choices=[0, 1], help="uniform: 1: G ends in a sigmoid (default 0)")
-    s = p.add_argument_group("speed (none changes what is computed beyond float rounding, except --bf16)")
-    s.add_argument("--bf16", type=int, choices=[0, 1],
-                   help="bfloat16 autocast for the nets (default 0; with --resume: the run's own)")
-    s.add_argument("--threads", type=functools.partial(int_in_range, low=0, high=1024), default=0, metavar="N",
-                   help="CPU threads (0: 1 for uniform, torch's default for images)")
-    s.add_argument("--channels_last", type=int, choices=[0, 1],
-                   help="channels-last memory layout for the image nets (default: 1 on the CPU, 0 on a GPU; "
-                        "with --resume: the run's own)")
-    s.add_argument("--cuda_graphs", type=int, choices=[0, 1],
-                   help="replay each iteration's kernels from CUDA graphs (default: 1 on a GPU; CPU: not available)")
-    s.add_argument("--compile", type=int, choices=[0, 1],
-                   help="run the step compiled by torch.compile on the CPU (default: 1 for uniform, 0 for images)")
-    a = p.add_argument_group("applying a trained generator")
-    a.add_argument("--generate", type=positive_int, metavar="N", help="write N samples to FILE.npy and FILE.png, then exit")
-    a.add_argument("--evaluate", nargs="?", const="", metavar="FILE",
-                   help="score the trained generator, then exit; with FILE (.npy, as --generate writes it), score "
-                        "the samples in it instead")
-    a.add_argument("--samples", type=functools.partial(int_in_range, low=2, high=MOST), default=10000, metavar="N", help="samples for --evaluate / --eval_every")
-    a.add_argument("--params", metavar="PATH",
-                   help="checkpoint to use (default: the newest in <d>_params; best: <d>_params/best.pt)")
-    a.add_argument("--output", metavar="FILE", help="output name for --generate (default: <d>_samples/generated)")
-    a.add_argument("--label", metavar="K", help="--generate with a conditional G: class K (an index or a name); "
-                                                 "without it the labels cycle over the classes")
-    return p
-
-
-TRAINING_ONLY = ("passes", "iters", "batch_size", "lr", "resume", "keep", "quiet", "eval_every", "stop_on_collapse",
-                 "d_batch_norm",
-                 "hidden_dim", "g_sigmoid", "bf16", "threads", "channels_last", "cuda_graphs", "compile",
-                 "image_size", "channels", "conditional")
-
-
-APPLYING_ONLY = ("params",)
-
-
-def given_flags(argv):
-    """The dests of the flags given on the command line (defaults left out)."""
-    p = build_parser()
-    for action in p._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(p.parse_args(argv)))
-
-
-def check_flags_apply(args, given):
-    def flag(dest):
-        return "--" + dest
-    if args.generate is not None and args.evaluate is not None:
-        raise UserError("--generate and --evaluate are two actions: give one")
-    action = "--generate" if args.generate is not None else "--evaluate" if args.evaluate is not None else None
-    for dest in sorted(given):
-        if action and dest in TRAINING_ONLY:
-            raise UserError(f"{flag(dest)} does not apply to {action}: it is a training flag")
-        if not action and dest in APPLYING_ONLY:
-            raise UserError(f"{flag(dest)} names the checkpoint for --generate / --evaluate; "
-                            "training continues from one with --resume PATH")
-        if dest in ("output", "label") and action != "--generate":
-            raise UserError(f"{flag(dest)} applies to --generate only")
-        if dest == "data_dir" and action == "--generate":
-            raise UserError("--data_dir does not apply to --generate: it needs the checkpoint only")
-        if dest == "samples" and not (action == "--evaluate" or (not action and args.eval_every)):
-            raise UserError("--samples applies to --evaluate and to training with --eval_every")
-        if args.evaluate and dest in ("params", "samples", "seed"):
-            raise UserError(f"{flag(dest)} does not apply to --evaluate FILE: it scores the samples in the file")
-
-
-def out_of_memory(e):
-    """The allocation failure in e, in words, or None."""
-    if isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))):
-        return in_one_line(e)
-    found = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", str(e))
-    return f"{in_binary_units(int(found.group(1)))} could not be allocated" if found else None
-
-
-def in_binary_units(n):
-    """A number of bytes as "3.2 GiB", "12.5 MiB", "800.0 KiB" or "512 bytes"."""
-    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return plural(n, "byte")
-
-
-def rank_0():
-    """Whether this is the one process, or rank 0 of torchrun's."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-def torchrun_rank():
-    """ " (rank r of n)" in a process that torchrun started with others, else ""."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    return f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
-
-
-SAY_AFTER_S = 30.0  # how long a process other than rank 0 waits before it reports a failure
-
-
-def report_failure(line, first=None):
-    """One line on stderr. Under torchrun, processes that fail alike (bad input, say) would each
-    say it: rank 0 says it at once; another rank, or one that lost another process, waits a
-    while first, and ends silently if torchrun ends it meanwhile (SIGTERM), as torchrun ends
-    every process once one has failed: the one that failed has then said why, or torchrun has.
-    (Processes start at different speeds, so the wait is long: rank 0 may still be loading.)"""
-    if first is None:
-        first = rank_0()
-    if torchrun_rank() and not first:
-        def end(signum, frame):
-            if signum == signal.SIGINT:  # Ctrl-C: the user is waiting for the reason
-                write_stderr(line)
-            os._exit(1)
-        for s in STOP_SIGNALS:
-            signal.signal(s, end)
-        time.sleep(SAY_AFTER_S)
-    write_stderr(line)
-
-
-def lost_another_process(e):
-    """Whether an error is a collective's that lost one of torchrun's processes."""
-    if not torchrun_rank():
-        return False
-    return isinstance(e, dist.DistError) or any(
-        words in str(e) for words in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
-                                      "gloo", "NCCL"))
-
-
-def main(argv=None):
-    try:
-        with signals_interrupt():
-            args = build_parser().parse_args(argv)
-            args.given = given_flags(sys.argv[1:] if argv is None else argv)
-            check_flags_apply(args, args.given)
-            if (args.generate is not None or args.evaluate is not None) and torchrun_rank():
-                raise UserError(f"{'--generate' if args.generate is not None else '--evaluate'} runs in one "
-                                "process: start it with python, not torchrun")
-            if args.generate is not None:
-                generate(args)
-            elif args.evaluate is not None:
-                evaluate(args)
-            else:
-                train(args)
-    except UserError as e:
-        report_failure(f"gan_trainer.py: error{torchrun_rank()}: {e}")
-        return 1
-    except KeyboardInterrupt as e:
-        if rank_0():  # under torchrun, one line for all the processes
-            write_stderr(f"gan_trainer.py: interrupted{f' ({e})' if str(e) else ''}")
-        return 130
-    except (RuntimeError, MemoryError) as e:
-        if lost_another_process(e):
-            report_failure(f"gan_trainer.py: error{torchrun_rank()}: the processes lost touch with each other "
-                           f"({in_one_line(e, most=120)})", first=False)
-            return 1
-        if not out_of_memory(e):
-            raise
-        report_failure(f"gan_trainer.py: error{torchrun_rank()}: out of memory: {out_of_memory(e)}; ask for less "
-                       "(--generate N, --samples N, --batch_size, --hidden_dim, --image_size)")
-        return 1
-    return 0
 
 
 if __name__ == "__main__":
