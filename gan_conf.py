@@ -43,6 +43,9 @@ class GANConfig:
     # Opt-in departures from the tutorial (the defaults are the original's):
     d_batch_norm: bool = True  # False: D without batch norm (tests/BENCHMARKS.md: it does not help)
     g_sigmoid: bool = False    # uniform: G ends in a sigmoid, so its points lie in (0, 1)^2
+    ema: bool = False          # an average of G's weights draws the pictures and samples (gan_trainer: --ema)
+    ema_kimg: float = 10.0     # its half-life, in thousands of the images G has made
+    augment: str = ""          # DiffAugment of every batch D sees: a comma list of color, translation, cutout
     # What the run was trained on:
     folder: str = ""           # -d folder: the image folder
     images: int = 0            # how many training images (0: not recorded)

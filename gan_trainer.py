@@ -17,6 +17,7 @@ The networks and the tutorial's hyper-parameters are in gan_conf.py.
 """
 import argparse
 import contextlib
+import copy
 import ctypes
 import dataclasses
 import functools
@@ -154,6 +155,22 @@ def positive_float(text):
     return value
 
 
+def augment_policy(text):
+    """--augment: a comma list out of AUGMENTS, given back in their order."""
+    parts = {p.strip() for p in text.split(",")} - {""}
+    if not parts or parts - set(AUGMENTS):
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma list of {', '.join(AUGMENTS)}")
+    return ",".join(a for a in AUGMENTS if a in parts)
+
+
+def augment_or_none(text):
+    """The policy a checkpoint's config names, as augment_policy gives it back; None if none."""
+    try:
+        return augment_policy(text)
+    except (argparse.ArgumentTypeError, AttributeError):
+        return None
+
+
 def non_negative_int(text):
     return int_in_range(text, 0, MOST)
 
@@ -210,6 +227,16 @@ def build_parser():
     r.add_argument("--hidden_dim", type=functools.partial(int_in_range, low=1, high=10 ** 6), metavar="N",
                    help="uniform: width of both nets (10)")
     r.add_argument("--g_sigmoid", type=int, choices=[0, 1], help="uniform: 1: G ends in a sigmoid (default 0)")
+    r.add_argument("--ema", type=int, choices=[0, 1],
+                   help="1: keep an average of G's weights, which draws the pictures and is scored beside G; "
+                        "applying G: 0 takes the raw G of a run that has both (default 0; applying G: the average "
+                        "where there is one)")
+    r.add_argument("--ema_kimg", type=positive_float, metavar="K",
+                   help="--ema 1: the average's half-life in thousands of the images G has made, shorter while "
+                        f"a run is young ({EMA_RAMPUP:g} of them) (default {GANConfig.ema_kimg:g})")
+    r.add_argument("--augment", type=augment_policy, metavar="POLICY",
+                   help=f"images: DiffAugment every batch D sees, real and generated: a comma list of "
+                        f"{', '.join(AUGMENTS)} (default: none)")
     s = p.add_argument_group("speed (none changes what is computed beyond float rounding, except --bf16)")
     s.add_argument("--bf16", type=int, choices=[0, 1],
                    help="bfloat16 autocast for the nets (default 0; with --resume: the run's own)")
@@ -239,7 +266,7 @@ def build_parser():
 TRAINING_ONLY = ("passes", "iters", "batch_size", "lr", "resume", "keep", "quiet", "eval_every", "stop_on_collapse",
                  "d_batch_norm",
                  "hidden_dim", "g_sigmoid", "bf16", "threads", "channels_last", "cuda_graphs", "compile",
-                 "image_size", "channels", "conditional")
+                 "image_size", "channels", "conditional", "ema_kimg", "augment")
 
 
 APPLYING_ONLY = ("params",)
@@ -271,7 +298,7 @@ def check_flags_apply(args, given):
             raise UserError("--data_dir does not apply to --generate: it needs the checkpoint only")
         if dest == "samples" and not (action == "--evaluate" or (not action and args.eval_every)):
             raise UserError("--samples applies to --evaluate and to training with --eval_every")
-        if args.evaluate and dest in ("params", "samples", "seed"):
+        if args.evaluate and dest in ("params", "samples", "seed", "ema"):
             raise UserError(f"{flag(dest)} does not apply to --evaluate FILE: it scores the samples in the file")
 
 
@@ -390,7 +417,7 @@ def run_passes(run, data, evaluator, files, args, log):
     rows = procs.rows(cfg.batch_size)  # this process's share of each batch (all of it, alone)
     log(f"training {cfg.data_source} on {device}: {plural(cfg.passes, 'pass')} of {plural(cfg.iters_per_pass, 'iteration')}, "
         f"batch {cfg.batch_size}, lr {cfg.lr:g}, seed {run.seed}", f"speed: {run.speed.describe()}",
-        *filter(None, [bf16_hint(run)]))
+        *filter(None, [bf16_hint(run), remedies_line(cfg)]))
     run.started = time.time()
     with StopRequest() as stop, files.metrics:
         for pass_id in range(run.pass_id, cfg.passes):
@@ -403,6 +430,8 @@ def run_passes(run, data, evaluator, files, args, log):
                     stop_with_checkpoint(run, files, log, stop.signal, f"at pass {pass_id} iteration {i}")
                 x, y = next(batches)
                 z = torch.randn(cfg.batch_size, cfg.noise_dim, device=device)
+                if cfg.augment:
+                    x, z = augmented_inputs(cfg.augment, x, z, rows)
                 z = z[rows] if procs.launched else z
                 step = train_one(x, z, run.schedule, y=y)
                 if not step.finite:
@@ -427,6 +456,17 @@ def run_passes(run, data, evaluator, files, args, log):
             run.iteration = 0
             if procs.any(stop.signal is not None, device) and pass_id + 1 < cfg.passes:
                 stop_with_checkpoint(run, files, log, stop.signal, f"after pass {pass_id}", written=True)
+
+
+def remedies_line(cfg):
+    """What the opt-in remedies change in what the log shows (None without them)."""
+    said = []
+    if cfg.augment:
+        said.append(f"augment {cfg.augment} (DiffAugment) on every batch D sees: the losses logged and compared "
+                    "are D's on augmented batches")
+    if cfg.ema:
+        said.append(f"an average of G's weights (half-life {cfg.ema_kimg:g} kimg) draws the pictures and is scored")
+    return "remedies: " + "; ".join(said) if said else None
 
 
 def start_run(args, cfg, seed, ckpt, options, device, procs, files, log):
@@ -470,11 +510,15 @@ def evaluate_pass(run, files, evaluator, log):
     collapse (Quality.judge). The pass's checkpoint is written again with the quality, so that
     a resume knows the best so far. Returns (a new best, a collapse)."""
     cfg, pass_id = run.cfg, run.pass_id
-    scores = evaluator.score_generator(run, run.options.samples)
-    log(f"Pass={pass_id} eval: {format_scores(scores)}")
+    scores = evaluator.score_generator(run, run.sampler, run.options.samples)
+    log(f"Pass={pass_id} eval{' (averaged G)' if cfg.ema else ''}: {format_scores(scores)}")
     at = {"pass": pass_id, "iteration": cfg.iters_per_pass, "step": (pass_id + 1) * cfg.iters_per_pass,
           "seconds": round(run.seconds(), 3)}
-    files.metrics.add({**at, "eval": scores, "floor": evaluator.floor(run.options.samples)})
+    raw = {}
+    if cfg.ema:  # the raw G too, on the same noise: what the average gains
+        raw = {"eval_raw": evaluator.score_generator(run, run.gen, run.options.samples)}
+        log(f"Pass={pass_id} eval (raw G): {format_scores(raw['eval_raw'])}")
+    files.metrics.add({**at, "eval": scores, **raw, "floor": evaluator.floor(run.options.samples)})
     metric = ranking_metric(cfg)
     previous = run.quality
     run.quality, best, collapsed = previous.judge(metric, scores[metric], pass_id)
@@ -719,14 +763,75 @@ def make_step(run, log=print):
     """The iteration as run.speed asks for it: under torchrun, DistributedStep; on a GPU, its
     replay from CUDA graphs (GraphedStep); compiled (CompiledStep, the uniform CPU default);
     else EagerStep. Each is an Iteration: the same logic, computed its own way."""
-    nets = (run.gen, run.dis, run.opt_g, run.opt_d, run.autocast)
+    gen = Augmented(run.gen, run.cfg) if run.cfg.augment else run.gen
+    nets = (gen, run.dis, run.opt_g, run.opt_d, run.autocast)
     if run.speed.processes > 1:
-        return DistributedStep(run, run.processes)
+        return DistributedStep(*nets, run.device, run.processes)
     if run.speed.cuda_graphs:
         return GraphedStep(*nets)
     if run.speed.compile:
         return CompiledStep(*nets, log=log)
     return EagerStep(*nets)
+
+
+# ---------------------------------------------------------------------- D's inputs augmented (--augment)
+
+AUGMENTS = ("color", "translation", "cutout")  # DiffAugment's (Zhao et al. 2020), in its order
+DRAWS = {"color": 3, "translation": 2, "cutout": 2}  # uniform draws per image each takes
+
+
+def augment_draws(policy, n, device):
+    """The random draws of n images' augmentation (uniform in [0, 1)): the same distribution for
+    a real batch and a generated one."""
+    return torch.rand(n, sum(DRAWS[a] for a in policy.split(",")), device=device)
+
+
+def augment(images, draws, policy):
+    """DiffAugment, differentiable in the images: color (brightness +-0.5, saturation x[0, 2],
+    contrast x[0.5, 1.5]), translation (up to an eighth of the side, zeros coming in), cutout (a
+    square of half the side set to 0), each image by its own row of draws."""
+    column = iter(draws.to(images.dtype).unbind(1))
+    factor = lambda: next(column).view(-1, 1, 1, 1)  # noqa: E731
+    x, (n, _, h, w) = images, images.shape
+    names = policy.split(",")
+    if "color" in names:
+        x = x + (factor() - 0.5)
+        x = (x - x.mean(1, keepdim=True)) * (2 * factor()) + x.mean(1, keepdim=True)
+        x = (x - x.mean((1, 2, 3), keepdim=True)) * (factor() + 0.5) + x.mean((1, 2, 3), keepdim=True)
+    rows, cols = torch.arange(h, device=x.device).view(1, h, 1), torch.arange(w, device=x.device).view(1, 1, w)
+    if "translation" in names:  # each pixel from (row - dy, col - dx); the zero border stands outside
+        reach = [int(side / 8 + 0.5) for side in (h, w)]
+        dy, dx = [((factor() * (2 * r + 1)).floor() - r).long().view(n, 1, 1) for r in reach]
+        src_r, src_c = (rows - dy + 1).clamp(0, h + 1), (cols - dx + 1).clamp(0, w + 1)
+        padded = F.pad(x, (1, 1, 1, 1))
+        x = padded[torch.arange(n, device=x.device).view(n, 1, 1), :, src_r, src_c].permute(0, 3, 1, 2)
+    if "cutout" in names:
+        size = [int(side / 2 + 0.5) for side in (h, w)]
+        top, left = [((factor() * (side + 1 - k % 2)).floor().long() - k // 2).view(n, 1, 1)
+                     for side, k in zip((h, w), size)]
+        inside = (rows >= top) & (rows < top + size[0]) & (cols >= left) & (cols < left + size[1])
+        x = x * (~inside).unsqueeze(1).to(x.dtype)
+    return x
+
+
+def augmented_inputs(policy, x, z, rows=slice(None)):
+    """--augment: (x augmented, z with the generated batch's draws appended), both drawn for the
+    whole batch (z's rows), so that each process takes its rows of the same draws."""
+    x = augment(x, augment_draws(policy, len(z), z.device)[rows], policy)
+    return x, torch.cat([z, augment_draws(policy, len(z), z.device)], 1)
+
+
+class Augmented(nn.Module):
+    """G with its output augmented, as D is shown it: the noise carries each row's draws in its
+    last columns (run_passes appends them), so every way of computing the step, which hands G
+    the noise, augments alike. Its parameters are G's."""
+
+    def __init__(self, gen, cfg):
+        super().__init__()
+        self.gen, self.noise_dim, self.policy = gen, cfg.noise_dim, cfg.augment
+
+    def forward(self, z, y=None):
+        return augment(self.gen(z[:, :self.noise_dim], y), z[:, self.noise_dim:], self.policy)
 
 
 class TrainerLog:
@@ -856,6 +961,9 @@ def ranking_metric(cfg):
     return "fid" if cfg.is_image else "sliced_w1"
 
 
+EMA_RAMPUP = 0.05  # the averaged G's half-life is at most this share of the images G has made
+
+
 class Run:
     """Everything a run is: its configuration, seed and speed options, the nets and their
     optimizers, and what the loop carries from one iteration to the next (the schedule, the
@@ -876,6 +984,7 @@ class Run:
         self.schedule, self.steps = Schedule(), {"dis": 0, "gen": 0}
         self.logs = {"dis": TrainerLog("discriminator", cfg.batch_size), "gen": TrainerLog("generator", cfg.batch_size)}
         self.fixed_noise, self.fixed_labels = picture_noise(cfg, self.device)
+        self.gen_ema = copy.deepcopy(self.gen).requires_grad_(False) if cfg.ema else None
         self.pass_id, self.iteration, self.elapsed = 0, 0, 0.0
         self.started = time.time()
 
@@ -887,8 +996,25 @@ class Run:
         """Account for a trained iteration; returns the trainer summary lines it completes."""
         self.schedule = advance(self.schedule, step.trained)
         self.steps[step.trained] += 1
+        if step.trained == "gen" and self.gen_ema is not None:
+            self.update_average()
         trainer_log = self.logs[step.trained]
         return [line for batch in step.batches if (line := trainer_log.add(*batch))]
+
+    @property
+    def sampler(self):
+        """The G that draws the pictures and samples: the averaged one where the run keeps it."""
+        return self.gen if self.gen_ema is None else self.gen_ema
+
+    def update_average(self):
+        """The averaged G after a G update (Karras et al.'s schedule): its half-life --ema_kimg,
+        or EMA_RAMPUP of the images G has made if that is shorter, so that a young run averages
+        its recent past rather than its random start. Every float tensor is averaged (batch
+        norm's scale and shift too; the nets keep no running statistics)."""
+        half_life = min(self.cfg.ema_kimg * 1000, EMA_RAMPUP * self.steps["gen"] * self.cfg.batch_size)
+        averaged, current = zip(*[(a, c) for a, c in zip(self.gen_ema.state_dict().values(),
+                                                         self.gen.state_dict().values()) if a.is_floating_point()])
+        torch._foreach_lerp_(list(averaged), list(current), 1 - 0.5 ** (self.cfg.batch_size / half_life))
 
     def start_pass(self, pass_id):
         self.pass_id = pass_id
@@ -902,6 +1028,7 @@ class Run:
                 "options": {"seed": self.seed, "speed": dataclasses.asdict(self.speed)},
                 "run_options": dataclasses.asdict(self.options), "quality": dataclasses.asdict(self.quality),
                 "generator": self.gen.state_dict(), "discriminator": self.dis.state_dict(),
+                "generator_ema": {} if self.gen_ema is None else self.gen_ema.state_dict(),
                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "rng": rng_state(),
                 "pass": self.pass_id, "iteration": self.iteration, "schedule": dataclasses.asdict(self.schedule),
                 "fixed_noise": self.fixed_noise.cpu(),
@@ -914,6 +1041,8 @@ class Run:
         continues with the next one."""
         self.gen.load_state_dict(ckpt["generator"])
         self.dis.load_state_dict(ckpt["discriminator"])
+        if self.gen_ema is not None:
+            self.gen_ema.load_state_dict(ckpt["generator_ema"])
         self.opt_g.load_state_dict(ckpt["opt_g"])
         self.opt_d.load_state_dict(ckpt["opt_d"])
         self.fixed_noise = ckpt["fixed_noise"].to(self.device)
@@ -970,7 +1099,8 @@ def configure_run(args, params_dir, procs=None, device="cpu"):
 RESUME_KEEPS = (("--iters", "iters", "iters_per_pass"), ("--batch_size", "batch_size", "batch_size"),
                 ("--lr", "lr", "lr"), ("--hidden_dim", "hidden_dim", "hidden_dim"),
                 ("--d_batch_norm", "d_batch_norm", "d_batch_norm"), ("--g_sigmoid", "g_sigmoid", "g_sigmoid"),
-                ("--conditional", "conditional", "conditional"))
+                ("--conditional", "conditional", "conditional"), ("--ema", "ema", "ema"),
+                ("--ema_kimg", "ema_kimg", "ema_kimg"), ("--augment", "augment", "augment"))
 
 
 def load_resume_checkpoint(args, params_dir):
@@ -1012,10 +1142,15 @@ def make_config(args):
         raise UserError("--hidden_dim and --g_sigmoid apply to -d uniform only")
     if args.conditional and not cfg.is_image:
         raise UserError("--conditional 1 needs images with classes: -d mnist, cifar or folder")
+    if args.augment and not cfg.is_image:
+        raise UserError("--augment applies to images (-d mnist, cifar or folder): it transforms pictures")
+    if args.ema_kimg is not None and not args.ema:
+        raise UserError("--ema_kimg is the half-life of --ema 1's average: give --ema 1 too")
     if cfg.data_source != "folder" and (args.image_size or args.channels):
         raise UserError("--image_size and --channels apply to -d folder only (mnist and cifar have their own)")
     overrides = {"passes": args.passes, "iters_per_pass": args.iters, "batch_size": args.batch_size, "lr": args.lr,
-                 "d_batch_norm": args.d_batch_norm, "hidden_dim": args.hidden_dim, "g_sigmoid": args.g_sigmoid}
+                 "d_batch_norm": args.d_batch_norm, "hidden_dim": args.hidden_dim, "g_sigmoid": args.g_sigmoid,
+                 "ema": args.ema, "ema_kimg": args.ema_kimg, "augment": args.augment}
     cfg = dataclasses.replace(cfg, **{k: type(getattr(cfg, k))(v) for k, v in overrides.items() if v is not None})
     if cfg.data_source == "folder":
         if not args.data_dir:
@@ -1692,14 +1827,14 @@ class RunFiles:
         picture = self.samples / f"train_pass{run.pass_id}.png"
         if not self.write:
             return picture, ""
-        samples = generate_samples(run.gen, run.fixed_noise, cfg.batch_size, labels=run.fixed_labels)
+        samples = generate_samples(run.sampler, run.fixed_noise, cfg.batch_size, labels=run.fixed_labels)
         stats = ""
         if not cfg.is_image:
             mean, std = samples.mean(0).tolist(), samples.std(0).tolist()
             stats = f"; generated mean [{mean[0]:.4f} {mean[1]:.4f}] std [{std[0]:.4f} {std[1]:.4f}]"
         if cfg.conditional:
             samples = samples[:min(len(cfg.classes), 10) * PICTURE_COLUMNS]
-        save_samples(samples, picture, f"{cfg.data_source} pass {run.pass_id}",
+        save_samples(samples, picture, f"{cfg.data_source} pass {run.pass_id}" + (" (averaged G)" if cfg.ema else ""),
                      PICTURE_COLUMNS if cfg.conditional else 8)
         return picture, stats
 
@@ -1806,12 +1941,15 @@ def remove_stale_temporaries(folder):
 # code. Every field is checked before anything uses it.
 
 # 1 (no "format" key): G's first batch norm per channel, a pickled NumPy state; 2: without the
-# run's own options and its quality (read as the defaults and none yet)
-CHECKPOINT_FORMAT = 3
+# run's own options and its quality (read as the defaults and none yet); 3: without the averaged
+# G and the configuration's ema and augment (read as none)
+CHECKPOINT_FORMAT = 4
 CHECKPOINT_KEYS = {"format", "generator", "discriminator", "opt_g", "opt_d", "rng", "pass", "iteration",
                    "schedule", "fixed_noise", "fixed_labels", "config", "options", "trainer_logs", "steps",
-                   "elapsed", "run_options", "quality"}
-FORMAT_2_KEYS = CHECKPOINT_KEYS - {"run_options", "quality"}
+                   "elapsed", "run_options", "quality", "generator_ema"}
+FORMAT_3_KEYS = CHECKPOINT_KEYS - {"generator_ema"}
+FORMAT_2_KEYS = FORMAT_3_KEYS - {"run_options", "quality"}
+NEW_IN_FORMAT_4 = {f.name: f.default for f in dataclasses.fields(GANConfig) if f.name in ("ema", "ema_kimg", "augment")}
 BEST_CHECKPOINT = "best.pt"
 
 
@@ -1938,8 +2076,10 @@ def check_checkpoint(ckpt, path, data_source):
     if ckpt.keys() == FORMAT_2_KEYS and ckpt["format"] == 2:  # today's format, before the run's own options
         # its scores, if any, are in metrics.jsonl, kept on resume as before (last_pass)
         last = ckpt["pass"] if type(ckpt["pass"]) is int else -1
-        ckpt.update(format=CHECKPOINT_FORMAT, run_options=dataclasses.asdict(RunOptions()),
+        ckpt.update(format=3, run_options=dataclasses.asdict(RunOptions()),
                     quality=dataclasses.asdict(Quality(last_pass=last)))
+    if ckpt.keys() == FORMAT_3_KEYS and ckpt["format"] == 3 and isinstance(ckpt["config"], dict):
+        ckpt.update(format=CHECKPOINT_FORMAT, generator_ema={}, config={**NEW_IN_FORMAT_4, **ckpt["config"]})
     if ckpt.keys() == FORMAT_2_KEYS - {"format"}:
         raise UserError(f"{path}: made by an earlier version of this trainer, with an earlier architecture "
                         "(G's first batch norm per channel, now per unit as in the original): train anew")
@@ -1957,7 +2097,11 @@ def check_checkpoint(ckpt, path, data_source):
         nets = dict(zip(("gen", "dis"), build_nets(cfg)))
     steps = ckpt["steps"]
     need(has_keys(steps, nets) and all(is_int(v) for v in steps.values()), "steps must be {'dis': n, 'gen': n}")
-    for net, weights, adam in (("gen", "generator", "opt_g"), ("dis", "discriminator", "opt_d")):
+    need(cfg.ema or ckpt["generator_ema"] == {}, "generator_ema must be empty: the run keeps no averaged G")
+    for net, weights, adam in (("gen", "generator", "opt_g"), ("dis", "discriminator", "opt_d"),
+                               ("gen", "generator_ema", None)):
+        if adam is None and not cfg.ema:
+            continue
         expected = nets[net].state_dict()
         state = ckpt[weights]
         need(isinstance(state, dict) and state.keys() == expected.keys(),
@@ -1965,8 +2109,9 @@ def check_checkpoint(ckpt, path, data_source):
         for k, t in state.items():
             need(is_float_tensor(t, expected[k].shape), f"{weights}.{k} is not a finite float tensor of shape "
                  f"{tuple(expected[k].shape)}")
-        check_adam_state(ckpt[adam], [p.shape for p in nets[net].parameters()], steps[net] > 0,
-                         lambda ok, what, adam=adam: need(ok, f"{adam}: {what}"))
+        if adam is not None:
+            check_adam_state(ckpt[adam], [p.shape for p in nets[net].parameters()], steps[net] > 0,
+                             lambda ok, what, adam=adam: need(ok, f"{adam}: {what}"))
     check_rng_state(ckpt["rng"], need)
     need(is_int(ckpt["pass"], 0, cfg.passes - 1), f"pass must be an integer from 0 to {cfg.passes - 1}")
     need(is_int(ckpt["iteration"], 0, cfg.iters_per_pass), f"iteration must be an integer from 0 to {cfg.iters_per_pass}")
@@ -2031,6 +2176,9 @@ def check_config(config, need=None):
             need(type(v) is bool, f"config.{name} must be true or false")
         elif kind is str:
             need(type(v) is str, f"config.{name} must be a string")
+    need(config["augment"] in ("", augment_or_none(config["augment"])) and not (
+        config["augment"] and config["data_source"] == "uniform"), f"config.augment must be a comma list of "
+         f"{', '.join(AUGMENTS)}, for images")
     classes = config["classes"]
     need(isinstance(classes, (tuple, list)) and all(type(c) is str for c in classes)
          and len(set(classes)) == len(classes) != 1, "config.classes must be distinct names, none or several")
@@ -3070,13 +3218,13 @@ class DistributedStep(Iteration):
     way, as DDP needs a forward through the wrapped net before each backward; the losses and
     the logged batches hold the global batch's logits."""
 
-    def __init__(self, run, procs):
+    def __init__(self, gen, dis, opt_g, opt_d, autocast, device, procs):
         from torch.nn.parallel import DistributedDataParallel
-        ids = {"device_ids": [run.device.index]} if run.device.type == "cuda" else {}
-        self.gen, self.dis, self.autocast, self.procs = run.gen, run.dis, run.autocast, procs
-        self.opts = {"gen": run.opt_g, "dis": run.opt_d}
-        self.gen_ddp = DistributedDataParallel(run.gen, **ids)
-        self.dis_ddp = DistributedDataParallel(run.dis, **ids)
+        ids = {"device_ids": [device.index]} if device.type == "cuda" else {}
+        self.gen, self.dis, self.autocast, self.procs = gen, dis, autocast, procs
+        self.opts = {"gen": opt_g, "dis": opt_d}
+        self.gen_ddp = DistributedDataParallel(gen, **ids)
+        self.dis_ddp = DistributedDataParallel(dis, **ids)
 
     def losses(self, x, z, y=None):
         self.held = x, z, y
@@ -3114,9 +3262,12 @@ def load_generator(args, device):
             raise UserError(f"no best checkpoint ({args.params}): a run keeps one when it trains with --eval_every K")
     ckpt = load_checkpoint(args.params or params_dir, args.data_source)
     cfg = check_config(ckpt["config"])
+    if args.ema and not cfg.ema:
+        raise UserError(f"--ema 1: {ckpt['path']} holds no averaged G (its run trained without --ema 1)")
+    averaged = cfg.ema and args.ema != 0
     gen, _ = build_nets(cfg)
-    gen.load_state_dict(ckpt["generator"])
-    return cfg, gen.to(device), ckpt["path"]
+    gen.load_state_dict(ckpt["generator_ema" if averaged else "generator"])
+    return cfg, gen.to(device), ckpt["path"], " (the averaged G; --ema 0 takes the raw one)" if averaged else ""
 
 
 def output_stem(output, default):
@@ -3138,7 +3289,7 @@ def generate(args):
     npy, png = out.with_name(out.name + ".npy"), out.with_name(out.name + ".png")
     if png.exists() and re.fullmatch(r"train_pass\d+|losses", out.name):
         raise UserError(f"--output {args.output}: {png} is a training run's picture; give another name")
-    cfg, gen, path = load_generator(args, device)
+    cfg, gen, path, which = load_generator(args, device)
     if args.label is not None and not cfg.conditional:
         raise UserError("--label applies to a conditional generator (trained with --conditional 1)")
     label = None if args.label is None else class_index(args.label, cfg.classes)
@@ -3153,8 +3304,9 @@ def generate(args):
     if labels is not None:
         save_array(labels.numpy(), out.with_name(out.name + ".labels.npy"))
     columns = min(len(cfg.classes), 10) if labels is not None and args.label is None else 8
-    save_samples(samples, png, f"{plural(args.generate, 'sample')} from {path.name}", columns)
-    write_stdout(f"wrote {plural(args.generate, 'sample')} of shape {tuple(samples.shape[1:])} from {path} to {npy} and {png}"
+    save_samples(samples, png, f"{plural(args.generate, 'sample')} from {path.name}" + (" (averaged G)" if which else ""),
+                 columns)
+    write_stdout(f"wrote {plural(args.generate, 'sample')} of shape {tuple(samples.shape[1:])} from {path}{which} to {npy} and {png}"
                  + ("" if labels is None else f" (labels in {out.name}.labels.npy)"))
 
 
@@ -3197,14 +3349,14 @@ def evaluate(args):
     if args.evaluate:
         return evaluate_file(Path(args.evaluate), args)
     device = choose_device(args.use_gpu, args.gpu_id, write_stdout)
-    cfg, gen, path = load_generator(args, device)
+    cfg, gen, path, which = load_generator(args, device)
     data_dir = args.data_dir or cfg.folder or "data"
     check_evaluable(cfg.data_source, data_dir)
     evaluator = Evaluator(cfg, data_dir, None, write_stdout)
     torch.manual_seed(args.seed if args.seed is not None else 0)
     # the noise --generate draws: --generate N --seed S writes these very samples
     scores = evaluator.score_draws(gen, cfg, args.samples, lambda n: torch.randn(n, cfg.noise_dim, device=device))
-    write_stdout(f"{path}: {plural(args.samples, 'sample')}: {format_scores(scores)}")
+    write_stdout(f"{path}{which}: {plural(args.samples, 'sample')}: {format_scores(scores)}")
     evaluator.floor(args.samples)
 
 
@@ -3352,11 +3504,12 @@ class Evaluator:
             scores.update(label_scores(read, labels.cpu(), len(self.classes)))
         return scores
 
-    def score_generator(self, run, n):
-        """The scores of n samples of a run's G, drawn with a generator of their own: evaluating
-        leaves the training's random stream untouched."""
+    def score_generator(self, run, gen, n):
+        """The scores of n samples of a run's G (gen: the raw or the averaged one), drawn with a
+        generator of their own, the same noise for both: evaluating leaves the training's random
+        stream untouched."""
         rng = torch.Generator().manual_seed(run.seed + run.pass_id)
-        return self.score_draws(run.gen, run.cfg, n, lambda k: torch.randn(k, run.cfg.noise_dim, generator=rng)
+        return self.score_draws(gen, run.cfg, n, lambda k: torch.randn(k, run.cfg.noise_dim, generator=rng)
                                 .to(run.device), rng)
 
     def score_draws(self, gen, cfg, n, noise, generator=None):

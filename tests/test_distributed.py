@@ -152,9 +152,10 @@ def test_a_second_signal_aborts_but_one_relayed_with_the_first_does_not():
 
 
 def float64_ranks(rank, world, store, iters, results):
-    """One of `world` processes (torch.multiprocessing.spawn): for uniform and mnist, `iters`
-    DistributedSteps of the nets in float64 on this rank's rows of each global batch; rank 0
-    also runs the single process's train_step on the whole batches, and saves both."""
+    """One of `world` processes (torch.multiprocessing.spawn): for uniform, mnist and mnist with
+    both remedies (--ema 1, --augment), `iters` DistributedSteps of the nets in float64 on this
+    rank's rows of each global batch; rank 0 also runs the single process's step on the whole
+    batches, and saves both; every rank saves its averaged G."""
     import gan_trainer as gt
     from gan_conf import CONFIGS
     torch.set_num_threads(1)
@@ -166,13 +167,17 @@ def float64_ranks(rank, world, store, iters, results):
         with open(results / "order", "a") as f:
             f.write(f"{rank}\n")
     procs.first_on_each_machine(decode_folder)
-    for source in ("uniform", "mnist"):
-        cfg = dataclasses.replace(CONFIGS[source], batch_size=16, gf_dim=16, df_dim=16)  # small: float64 is slow
+    for source in ("uniform", "mnist", "mnist_remedies"):
+        remedies = {"ema": True, "ema_kimg": 0.1, "augment": "color,translation,cutout"} if "remedies" in source else {}
+        cfg = dataclasses.replace(CONFIGS[source.split("_")[0]], batch_size=16, gf_dim=16, df_dim=16,  # small: float64 is slow
+                                  **remedies)
 
         def made_run(procs):
             torch.manual_seed(1)  # the same initial nets
             run = gt.Run(cfg, 1, gt.Speed(processes=procs.world), "cpu", procs)
-            run.gen.double(), run.dis.double()
+            for net in (run.gen, run.dis, run.gen_ema):
+                if net is not None:
+                    net.double()
             return run
         runs = {"two": made_run(procs), **({"one": made_run(gt.Processes())} if rank == 0 else {})}
         steps = {name: gt.make_step(run) for name, run in runs.items()}
@@ -181,6 +186,9 @@ def float64_ranks(rank, world, store, iters, results):
             draw = torch.Generator().manual_seed(i)
             x = torch.rand(cfg.batch_size, *cfg.sample_shape, generator=draw, dtype=torch.float64) * 2 - 1
             z = torch.randn(cfg.batch_size, cfg.noise_dim, generator=draw, dtype=torch.float64)
+            if cfg.augment:  # as run_passes augments: the same draws on every rank, for the whole batch
+                torch.manual_seed(100 + i)
+                x, z = gt.augmented_inputs(cfg.augment, x, z)
             for name, run in runs.items():
                 step = steps[name](x[rows] if name == "two" else x, z[rows] if name == "two" else z, run.schedule)
                 run.record(step)
@@ -189,6 +197,10 @@ def float64_ranks(rank, world, store, iters, results):
             torch.save({name: {"log": log[name], "generator": run.gen.state_dict(),
                                "discriminator": run.dis.state_dict()} for name, run in runs.items()},
                        results / f"{source}.pt")
+        if cfg.ema:
+            torch.save(runs["two"].gen_ema.state_dict(), results / f"{source}_ema_rank{rank}.pt")
+            if rank == 0:
+                torch.save(runs["one"].gen_ema.state_dict(), results / f"{source}_ema_one.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -200,7 +212,7 @@ def float64_runs(tmp_path_factory):
     return results
 
 
-@pytest.mark.parametrize("source", ["uniform", "mnist"])
+@pytest.mark.parametrize("source", ["uniform", "mnist", "mnist_remedies"])
 def test_the_distributed_step_is_the_single_step_in_float64(float64_runs, source):
     """The mathematics of two processes is the single process's: in float64, where round-off is
     small against Adam's eps, the choices agree exactly, losses to 1e-9 and parameters to 1e-8."""
@@ -213,6 +225,12 @@ def test_the_distributed_step_is_the_single_step_in_float64(float64_runs, source
     gaps = {net: parameter_gap(one, two, net) for net in ("generator", "discriminator")}
     print(f"{source} float64: relative parameter gaps {gaps}")
     assert max(gaps.values()) < 1e-8, gaps
+    if source == "mnist_remedies":  # the averaged G: the same on both ranks, and the single process's
+        ranks = [torch.load(float64_runs / f"{source}_ema_rank{r}.pt") for r in (0, 1)]
+        one = torch.load(float64_runs / f"{source}_ema_one.pt")
+        assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in one)
+        gap = parameter_gap({"g": one}, {"g": ranks[0]}, "g")
+        assert 0 < gap < 1e-8 or gap == 0, gap
 
 
 def test_a_folder_is_decoded_by_the_first_process_then_read_by_the_others(float64_runs):

@@ -1,5 +1,6 @@
 """The run's own options (--keep, --eval_every, --samples, --stop_on_collapse), the best checkpoint
 and the collapse alarm; checkpoints of the previous format still load."""
+import pytest
 import torch
 
 import gan_trainer as gt
@@ -69,7 +70,7 @@ def test_the_collapse_rule_on_a_scripted_sequence_of_scores():
 
 def test_stop_on_collapse_ends_the_run_cleanly_with_its_checkpoint(tmp_path, capsys, monkeypatch):
     scripted = [0.05, 0.2, 0.3, 0.01, 0.01]  # passes 1 and 2 over twice the best: a collapse at pass 2
-    monkeypatch.setattr(gt.Evaluator, "score_generator", lambda self, run, n: {"sliced_w1": scripted[run.pass_id]})
+    monkeypatch.setattr(gt.Evaluator, "score_generator", lambda self, run, gen, n: {"sliced_w1": scripted[run.pass_id]})
     stdout = train(capsys, tmp_path, "--passes", 5, "--eval_every", 1, "--samples", 100, "--stop_on_collapse", 1)
     params = tmp_path / "uniform_params"
     assert "Pass=2 collapse: sliced_w1 0.3 is over 2x the best (0.05, pass 0)" in stdout
@@ -84,12 +85,16 @@ def test_stop_on_collapse_ends_the_run_cleanly_with_its_checkpoint(tmp_path, cap
     assert torch.load(params / "best.pt")["pass"] == 3
 
 
-def test_a_checkpoint_of_the_previous_format_resumes_and_generates(tmp_path, capsys):
+@pytest.mark.parametrize("format", [2, 3])
+def test_a_checkpoint_of_a_previous_format_resumes_and_generates(tmp_path, capsys, format):
+    """2: before the run's own options and its quality; 3: before the averaged G and --augment."""
     train(capsys, tmp_path, "--passes", 1, "--keep", 0)
     path = tmp_path / "uniform_params" / "pass_0.pt"
     ckpt = torch.load(path)
-    ckpt["format"] = 2
-    del ckpt["run_options"], ckpt["quality"]
+    ckpt["format"] = format
+    del ckpt["generator_ema"], ckpt["config"]["ema"], ckpt["config"]["ema_kimg"], ckpt["config"]["augment"]
+    if format == 2:
+        del ckpt["run_options"], ckpt["quality"]
     torch.save(ckpt, path)
     code, stdout, err = run_main(["-d", "uniform", "--use_gpu", 0, "--generate", 5, "--out_dir", tmp_path], capsys)
     assert code == 0, err

@@ -66,7 +66,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path
 def test_a_checkpoint_of_an_earlier_version_is_refused_as_such(uniform_run, tmp_path, capsys):
     """Earlier versions pickled NumPy's random state (and had G's first batch norm per channel)."""
     old = torch.load(uniform_run.params("uniform") / "pass_1.pt")
-    for key in ("format", "run_options", "quality"):  # what format 1 lacked
+    for key in ("format", "run_options", "quality", "generator_ema"):  # what format 1 lacked
         del old[key]
     old["rng"]["numpy"] = np.random.get_state()  # a tuple holding a NumPy array, as they wrote it
     out, _ = checkpoint_in(tmp_path, old)
@@ -103,8 +103,13 @@ ODD = {  # name: (path to the field, new value or a function of the old one, wha
     "top level a list": ((), None, "holds a list"),
     "missing key": (("schedule",), DELETE, "missing schedule"),
     "extra key": (("surprise",), 1, "unexpected surprise"),
-    "other format": (("format",), 4, "format 4"),
-    "format 2 with the newer fields": (("format",), 2, "format 2, this trainer reads 3"),
+    "other format": (("format",), 5, "format 5"),
+    "format 2 with the newer fields": (("format",), 2, "format 2, this trainer reads 4"),
+    "format 3 with the newer fields": (("format",), 3, "format 3, this trainer reads 4"),
+    "an averaged G in a run without one": (("generator_ema",), {"0.weight": torch.zeros(10, 10)},
+                                           "generator_ema must be empty"),
+    "an unknown augmentation": (("config", "augment"), "blur", "config.augment must be a comma list"),
+    "augmentation of points": (("config", "augment"), "color", "config.augment must be a comma list"),
     "format a tensor": (("format",), torch.tensor([2, 2]), "format"),
     "data source a list": (("config", "data_source"), ["uniform"], "config.data_source"),
     "sample shape a string": (("config", "sample_shape"), "2", "config.sample_shape"),
