@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import gzip
 import hashlib
+import html
 import io
 import itertools
 import json
@@ -37,6 +38,7 @@ import stat
 import sys
 import time
 import unicodedata
+import urllib.parse
 import warnings
 import zlib
 from pathlib import Path
@@ -83,8 +85,8 @@ def in_one_line(e, most=200):
 
 # ###################################################################### 1. THE COMMAND LINE
 #
-# main() reads the flags and hands over: to train() (part 2), or to generate() or evaluate()
-# (appendix E). Bad input is refused here, before anything is read or written, in one
+# main() reads the flags and hands over: to train() (part 2), or to generate(), evaluate() or
+# report() (appendices E, B). Bad input is refused here, before anything is read or written, in one
 # line on stderr with exit status 1 (UserError); so is a failed write later on, and a process of
 # several that fails says so once.
 
@@ -101,6 +103,8 @@ def main(argv=None):
                 generate(args)
             elif args.evaluate is not None:
                 evaluate(args)
+            elif args.report:
+                report(args)
             else:
                 train(args)
     except UserError as e:
@@ -251,6 +255,8 @@ def build_parser():
                    help="run the step compiled by torch.compile on the CPU (default: 1 for uniform, 0 for images)")
     a = p.add_argument_group("applying a trained generator")
     a.add_argument("--generate", type=positive_int, metavar="N", help="write N samples to FILE.npy and FILE.png, then exit")
+    a.add_argument("--report", action="store_true",
+                   help="rebuild <d>_samples/report.html from a run's files (a run writes it after each pass), then exit")
     a.add_argument("--evaluate", nargs="?", const="", metavar="FILE",
                    help="score the trained generator, then exit; with FILE (.npy, as --generate writes it), score "
                         "the samples in it instead")
@@ -286,6 +292,11 @@ def check_flags_apply(args, given):
     if args.generate is not None and args.evaluate is not None:
         raise UserError("--generate and --evaluate are two actions: give one")
     action = "--generate" if args.generate is not None else "--evaluate" if args.evaluate is not None else None
+    if args.report:
+        extra = sorted(given - {"data_source", "out_dir", "report"})
+        if action or extra:
+            raise UserError(f"{action or flag(extra[0])} does not apply to --report: it rebuilds the run's page "
+                            "from its files (give -d and --out_dir)")
     for dest in sorted(given):
         if action and dest in TRAINING_ONLY:
             raise UserError(f"{flag(dest)} does not apply to {action}: it is a training flag")
@@ -438,6 +449,7 @@ def run_passes(run, data, evaluator, files, args, log):
                     log.end_pass()
                     last_good = files.last_good_checkpoint()
                     files.draw_plots(pass_id, cfg, force=True)
+                    files.write_page(run, f"stopped: a non-finite loss at pass {pass_id} iteration {i}")
                     raise UserError(f"non-finite loss at pass {pass_id} iteration {i} (d_loss={step.d_loss:g}, "
                                     f"g_loss={step.g_loss:g}); stopping: {last_good}")
                 log(*run.record(step))
@@ -498,11 +510,14 @@ def finish_pass(run, files, evaluator, args, log, seconds, first, stopping=None)
         best, collapsed = evaluate_pass(run, files, evaluator, log)
     picture, stats = files.save_picture(run)
     files.draw_plots(pass_id + 1, cfg, force=pass_id + 1 == cfg.passes or stopping is not None or collapsed)
+    ends = collapsed and run.options.stop_on_collapse
+    files.write_page(run, "finished" if pass_id + 1 == cfg.passes else
+                     "stopped: a collapse (--stop_on_collapse 1)" if ends else "running")
     done = cfg.iters_per_pass - first
     log(f"Pass={pass_id} done: {plural(done, 'iteration')} in {seconds:.1f} s ({100 * seconds / max(done, 1):.2f} s per 100), "
         f"D trained {run.steps['dis']} / G {run.steps['gen']} iterations so far{stats}; {picture}, {path}"
         + (f"; a new best {run.quality.metric} {run.quality.best:.4g}, kept as {files.best_path()}" if best else ""))
-    return collapsed and run.options.stop_on_collapse
+    return ends
 
 
 def evaluate_pass(run, files, evaluator, log):
@@ -542,6 +557,7 @@ def stop_with_checkpoint(run, files, log, signum, where, written=False):
     if not written:
         files.draw_plots(run.pass_id, run.cfg, force=True)
     name = signal.Signals(signum).name if signum else "a stop signal to another process"
+    files.write_page(run, f"stopped: {name} {where}")
     if run.processes.writes:
         write_stderr(f"{name}: stopped {where}; checkpoint {path}; continue with --resume")
     raise SystemExit(130)
@@ -1838,6 +1854,10 @@ class RunFiles:
                      PICTURE_COLUMNS if cfg.conditional else 8)
         return picture, stats
 
+    def write_page(self, run, state):
+        if self.write:
+            write_report(self.samples, run_facts(run), self.metrics.lines, state)
+
     def draw_plots(self, passes_done, cfg, force=False):
         """losses.png and progress.gif; redrawn at most every PLOT_PERIOD seconds (late in a run
         they take long enough to slow fast passes down), unless forced (the end of a run)."""
@@ -2448,6 +2468,141 @@ def write_progress_gif(samples_dir, passes, path, gray=False, most=GIF_FRAMES):
     if frames:
         with atomic_path(path) as tmp:
             frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=400, loop=0)
+
+
+# ====================================================================== the run's page
+
+REFRESH_S = 30  # a running run's page reloads itself this often
+SAID_ELSEWHERE = ("data_source", "folder", "classes", "passes", "images")  # configuration fields the page shows apart
+
+
+def run_facts(run):
+    """What the page says of a run: the checkpoint's plain fields, without its tensors."""
+    return {"config": run.cfg.to_dict(), "options": {"seed": run.seed, "speed": dataclasses.asdict(run.speed)},
+            "pass": run.pass_id, "iteration": run.iteration, "elapsed": run.seconds(),
+            "quality": dataclasses.asdict(run.quality)}
+
+
+def write_report(samples_dir, facts, lines, state):
+    """<d>_samples/report.html, atomically: the run's configuration and position, its scores
+    (the best row marked, with the floor), collapse alarms, plots and every pass's picture,
+    newest first. Images are linked relative to the page, nothing is fetched from elsewhere,
+    and the run's own text (paths, class names) is escaped. A running run's page reloads
+    itself; every page says when it was written, so a killed run's shows its age."""
+    path = Path(samples_dir) / "report.html"
+    with atomic_path(path) as tmp:
+        tmp.write_text(report_html(Path(samples_dir), facts, lines, state), encoding="utf-8")
+    return path
+
+
+def report_html(samples, facts, lines, state):
+    cfg, speed = facts["config"], facts["options"]["speed"]
+    text = lambda v: html.escape(str(v))  # noqa: E731
+    number = lambda v: f"{v:.4g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else text(v)  # noqa: E731
+    done = facts["pass"] * cfg["iters_per_pass"] + facts["iteration"]
+    total = cfg["passes"] * cfg["iters_per_pass"]
+    left = facts["elapsed"] / done * (total - done) if done and state == "running" else None
+    pictures = sorted(samples.glob("train_pass*.png"), key=lambda p: -int(p.stem[10:] or 0) if p.stem[10:].isdigit() else 0)
+    image = lambda p, alt, cls="": (f'<img src="{urllib.parse.quote(p.name)}" alt="{text(alt)}" class="{cls}">'  # noqa: E731
+                                    if p.exists() else f'<p class="missing">{text(alt)}: not recorded</p>')
+    speed_line = Speed(**speed).describe() if set(speed) == {f.name for f in dataclasses.fields(Speed)} else "not recorded"
+    facts_rows = [("state", state), ("updated", time.strftime("%Y-%m-%d %H:%M:%S %Z")),
+                  ("position", f"pass {min(facts['pass'] + 1, cfg['passes'])} of {cfg['passes']} "
+                               f"({done} of {total} iterations)"),
+                  ("time so far", in_hours(facts["elapsed"])), ("time left", in_hours(left) if left else "-"),
+                  ("data source", cfg["data_source"] + (f" ({cfg['folder']})" if cfg.get("folder") else "")
+                   + (f", {cfg['images']} images" if cfg.get("images") else "")),
+                  ("seed", facts["options"]["seed"]), ("speed", speed_line), ("device", speed.get("device", "not recorded")),
+                  ("configuration", ", ".join(f"{k} {v}" for k, v in cfg.items() if k not in SAID_ELSEWHERE
+                                              and not (k == "ema_kimg" and not cfg.get("ema")) and v != "")),
+                  ("classes", ", ".join(cfg.get("classes", ())) or "none (unconditional)")]
+    evals = [m for m in lines if isinstance(m.get("eval"), dict)]
+    metric = "fid" if len(cfg["sample_shape"]) == 3 else "sliced_w1"
+    ranked = [m["eval"].get(metric) for m in evals]
+    finite = [(v, k) for k, v in enumerate(ranked) if isinstance(v, (int, float)) and math.isfinite(v)]
+    best = min(finite)[1] if finite else None
+    keys = list(dict.fromkeys(k for m in evals for k in m["eval"]))
+    score_rows = "".join(
+        f'<tr{" class=best" if k == best else ""}><td>{number(m.get("pass"))}{" best" if k == best else ""}</td>'
+        f'<td>{number(m.get("step"))}</td>' + "".join(f"<td>{number(m['eval'].get(key, ''))}</td>" for key in keys)
+        + "</tr>" for k, m in enumerate(evals))
+    floor = next((m["floor"] for m in reversed(evals) if isinstance(m.get("floor"), dict)), None)
+    if floor:
+        score_rows += "<tr class=floor><td>floor</td><td>real data</td>" + "".join(
+            f"<td>{number(floor.get(key, ''))}</td>" for key in keys) + "</tr>"
+    scores = (f"<table><tr><th>pass</th><th>iteration</th>{''.join(f'<th>{text(k)}</th>' for k in keys)}</tr>"
+              f"{score_rows}</table>{score_plot(finite, metric, floor)}" if evals
+              else "<p class=missing>no scores: the run was not trained with --eval_every K</p>")
+    alarms = [m["collapse"] for m in lines if isinstance(m.get("collapse"), dict)]
+    alarm_list = "".join(f"<li>pass {number(m.get('pass'))}: {text(a.get('metric'))} {number(a.get('score'))}, "
+                         f"over {COLLAPSE_FACTOR}x the best ({number(a.get('best'))}, pass {number(a.get('best_pass'))})"
+                         "</li>" for m, a in ((m, m["collapse"]) for m in lines if isinstance(m.get("collapse"), dict)))
+    newest = image(pictures[0], pictures[0].stem, "newest") if pictures else "<p class=missing>no picture yet</p>"
+    refresh = f'<meta http-equiv="refresh" content="{REFRESH_S}">' if state == "running" else ""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">{refresh}
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{text(cfg["data_source"])} run: {text(state)}</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 0 auto; padding: 8px 12px; max-width: 1400px; color: #222; }}
+h1 {{ font-size: 20px; margin: 4px 0 8px; }} h2 {{ font-size: 16px; margin: 18px 0 6px; }}
+.top {{ display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 16px; align-items: start; }}
+@media (max-width: 760px) {{ .top {{ grid-template-columns: 1fr; }} }}
+.facts th {{ text-align: left; white-space: nowrap; vertical-align: top; }} .facts td {{ word-break: break-word; }}
+img {{ max-width: 100%; height: auto; }} img.newest {{ width: 100%; max-height: calc(100vh - 80px); object-fit: contain; }}
+table {{ border-collapse: collapse; }} th, td {{ padding: 2px 6px; border-bottom: 1px solid #ddd; }}
+.scores {{ overflow-x: auto; }} .scores td {{ text-align: right; }}
+tr.best {{ background: #dff0d8; font-weight: bold; }} tr.floor {{ color: #666; font-style: italic; }}
+.state-running {{ color: #0a58ca; }} .state-finished {{ color: #146c43; }} .state-stopped {{ color: #b02a37; }}
+.missing {{ color: #888; }} .alarms li {{ color: #b02a37; }}
+.passes {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(180px, 1fr)); gap: 8px; }}
+figure {{ margin: 0; }} figcaption {{ font-size: 12px; color: #555; }}
+</style></head><body>
+<h1>{text(cfg["data_source"])} run: <span class="state-{text(state.split()[0].strip(':'))}">{text(state)}</span></h1>
+<div class="top"><div><table class="facts">{"".join(f"<tr><th>{text(k)}</th><td>{text(v)}</td></tr>" for k, v in facts_rows)}</table>
+<h2>Scores</h2><div class="scores">{scores}</div>
+<h2>Collapse alarms</h2>{f'<ul class="alarms">{alarm_list}</ul>' if alarms else "<p>none</p>"}</div>
+<figure>{newest}<figcaption>the newest picture{" (averaged G)" if cfg.get("ema") else ""}</figcaption></figure></div>
+<h2>Losses and progress</h2>{image(samples / "losses.png", "losses")} {image(samples / "progress.gif", "progress")}
+<h2>Every pass, newest first</h2><div class="passes">{"".join(
+        f"<figure>{image(p, p.stem)}<figcaption>{text(p.stem)}</figcaption></figure>" for p in pictures)}</div>
+</body></html>
+"""
+
+
+def score_plot(points, metric, floor, width=480, height=160):
+    """An inline SVG of the ranking score per evaluation (log scale), the floor dashed."""
+    if len(points) < 2:
+        return ""
+    values = [v for v, _ in points] + ([floor[metric]] if floor and isinstance(floor.get(metric), (int, float)) else [])
+    low, high = math.log10(max(min(values), 1e-6)), math.log10(max(max(values), 1e-6))
+    y = lambda v: height - 10 - (math.log10(max(v, 1e-6)) - low) / ((high - low) or 1) * (height - 20)  # noqa: E731
+    x = lambda k: 10 + k / max(1, points[-1][1]) * (width - 20)  # noqa: E731
+    line = " ".join(f"{x(k):.1f},{y(v):.1f}" for v, k in points)
+    floor_line = (f'<line x1="10" x2="{width - 10}" y1="{y(values[-1]):.1f}" y2="{y(values[-1]):.1f}" '
+                  'stroke="#888" stroke-dasharray="4"/>') if len(values) > len(points) else ""
+    return (f'<p><svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+            f'aria-label="{metric} per evaluation"><polyline points="{line}" fill="none" stroke="#0a58ca" '
+            f'stroke-width="2"/>{floor_line}</svg><br>{metric} per evaluation (log scale; dashed: the floor)</p>')
+
+
+def in_hours(seconds):
+    seconds = int(seconds or 0)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def held_by_a_live_run(params_dir):
+    """Whether a live run holds the folder's lock (without taking it, or writing anything)."""
+    try:
+        import fcntl
+        with open(Path(params_dir) / ".lock") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+    except (ImportError, OSError):
+        pass
+    return False
 
 
 # ====================================================================== the console
@@ -3341,6 +3496,21 @@ def class_index(label, classes, log=write_stdout):
         raise UserError(f"--label {label}: not a class of this generator: 0-{len(classes) - 1} or "
                         f"{', '.join(classes[:12])}{', ...' if len(classes) > 12 else ''}")
     return as_index
+
+
+def report(args):
+    """--report: <d>_samples/report.html rebuilt from a run's newest checkpoint, metrics.jsonl and
+    pictures (for runs made before the page existed, or to see a stopped run's); writes nothing else."""
+    samples, params = output_dirs(args.out_dir, args.data_source, make=False)
+    if held_by_a_live_run(params):
+        raise UserError(f"--report: a live run holds {params}; it rewrites {samples / 'report.html'} after each pass")
+    if not list_checkpoints(params):
+        raise UserError(f"--report: no checkpoint (pass_<N>.pt) in {params}: no run to report on there")
+    ckpt = load_checkpoint(params, args.data_source)
+    lines = metrics_until(params / "metrics.jsonl", ckpt, write_stdout)
+    done, at = resume_position(ckpt)
+    state = "finished" if done >= ckpt["config"]["passes"] else f"not running (stopped at pass {done} iteration {at})"
+    write_stdout(f"wrote {write_report(samples, ckpt, lines, state)} ({state})")
 
 
 def evaluate(args):

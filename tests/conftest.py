@@ -40,7 +40,7 @@ def eager(args):
     seconds per run, so runs are eager unless a test is about the compiled step
     (tests/test_compiled_step.py), which equals the eager one to float rounding."""
     args = [str(a) for a in args]
-    applying = any(a.split("=")[0] in ("--compile", "--generate", "--evaluate") for a in args)
+    applying = any(a.split("=")[0] in ("--compile", "--generate", "--evaluate", "--report") for a in args)
     return args if applying else args + ["--compile", "0"]
 
 
