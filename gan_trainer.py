@@ -1212,8 +1212,9 @@ def fit_to_data(cfg, data, ckpt, log):
 # ###################################################################### 5. APPENDICES
 #
 # What the parts above call, one subject each: A. the data sources and their file formats;
-# B. the run's files (checkpoints, metrics.jsonl, pictures and plots) and the console; C. speed;
-# D. several processes under torchrun; E. applying G: generate, evaluate, the scores.
+# B. the run's files (checkpoints, metrics.jsonl, pictures and plots, the run's page) and the
+# console; C. speed; D. several processes under torchrun; E. applying G: generate, evaluate,
+# the scores.
 
 # ====================================================================== A. data sources and their file formats
 
@@ -1757,7 +1758,7 @@ def real_batches(data, batch_size, seed, pass_id, start=0, memory_format=torch.c
 # ====================================================================== B. the run's files
 #
 # Where a run writes, under --out_dir: <d>_params/ (a checkpoint per pass, metrics.jsonl) and
-# <d>_samples/ (a picture per pass, losses.png, progress.gif). Every file is written to a
+# <d>_samples/ (a picture per pass, losses.png, progress.gif, report.html). Every file is written to a
 # temporary name and renamed, so a kill never leaves half a file (metrics.jsonl is appended a
 # line at a time; a line cut short is dropped on resume); a failed write ends the run in one
 # line naming the file; a run holds its folder for its whole life.
@@ -2782,7 +2783,7 @@ class Speed:
         flags = [f"{name.replace('_', '-')} {'on' if value else 'off'}"
                  for name, value in dataclasses.asdict(self).items() if type(value) is bool]
         where = f"{self.processes} processes x " if self.processes > 1 else ""
-        return f"{where}{self.device}, {self.threads} thread{'s' * (self.threads > 1)}, " + ", ".join(flags)
+        return f"{where}{self.device}, {plural(self.threads, 'thread')}, " + ", ".join(flags)
 
     def differences(self, other):
         return [f"{k} {v} (the run: {getattr(other, k)})" for k, v in dataclasses.asdict(self).items()
