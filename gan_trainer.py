@@ -2522,16 +2522,19 @@ def report_html(samples, facts, lines, state):
     ranked = [m["eval"].get(metric) for m in evals]
     finite = [(v, k) for k, v in enumerate(ranked) if isinstance(v, (int, float)) and math.isfinite(v)]
     best = min(finite)[1] if finite else None
-    keys = list(dict.fromkeys(k for m in evals for k in m["eval"]))
+    keys = list(dict.fromkeys(k for m in evals for k, v in m["eval"].items() if isinstance(v, (int, float))))
+    raw = any(isinstance(m.get("eval_raw"), dict) for m in evals)  # --ema: the raw G's score beside the average's
+    raw_cell = lambda m: f"<td>{number(m.get('eval_raw', {}).get(metric, ''))}</td>" if raw else ""  # noqa: E731
     score_rows = "".join(
         f'<tr{" class=best" if k == best else ""}><td>{number(m.get("pass"))}{" best" if k == best else ""}</td>'
         f'<td>{number(m.get("step"))}</td>' + "".join(f"<td>{number(m['eval'].get(key, ''))}</td>" for key in keys)
-        + "</tr>" for k, m in enumerate(evals))
+        + raw_cell(m) + "</tr>" for k, m in enumerate(evals))
     floor = next((m["floor"] for m in reversed(evals) if isinstance(m.get("floor"), dict)), None)
     if floor:
         score_rows += "<tr class=floor><td>floor</td><td>real data</td>" + "".join(
-            f"<td>{number(floor.get(key, ''))}</td>" for key in keys) + "</tr>"
-    scores = (f"<table><tr><th>pass</th><th>iteration</th>{''.join(f'<th>{text(k)}</th>' for k in keys)}</tr>"
+            f"<td>{number(floor.get(key, ''))}</td>" for key in keys) + ("<td></td>" if raw else "") + "</tr>"
+    heads = [*keys, f"{metric}, raw G"] if raw else keys
+    scores = (f"<table><tr><th>pass</th><th>iteration</th>{''.join(f'<th>{text(k)}</th>' for k in heads)}</tr>"
               f"{score_rows}</table>{score_plot(finite, metric, floor)}" if evals
               else "<p class=missing>no scores: the run was not trained with --eval_every K</p>")
     alarms = [m["collapse"] for m in lines if isinstance(m.get("collapse"), dict)]
@@ -2548,8 +2551,10 @@ def report_html(samples, facts, lines, state):
 body {{ font: 14px/1.4 system-ui, sans-serif; margin: 0 auto; padding: 8px 12px; max-width: 1400px; color: #222; }}
 h1 {{ font-size: 20px; margin: 4px 0 8px; }} h2 {{ font-size: 16px; margin: 18px 0 6px; }}
 .top {{ display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 16px; align-items: start; }}
-@media (max-width: 760px) {{ .top {{ grid-template-columns: 1fr; }} }}
-.facts th {{ text-align: left; white-space: nowrap; vertical-align: top; }} .facts td {{ word-break: break-word; }}
+@media (max-width: 760px) {{ .top {{ grid-template-columns: minmax(0, 1fr); }} }}
+svg {{ max-width: 100%; height: auto; }}
+.facts {{ table-layout: fixed; width: 100%; }} .facts th {{ text-align: left; vertical-align: top; width: 7.5em; }}
+.facts td {{ overflow-wrap: anywhere; }}
 img {{ max-width: 100%; height: auto; }} img.newest {{ width: 100%; max-height: calc(100vh - 80px); object-fit: contain; }}
 table {{ border-collapse: collapse; }} th, td {{ padding: 2px 6px; border-bottom: 1px solid #ddd; }}
 .scores {{ overflow-x: auto; }} .scores td {{ text-align: right; }}
