@@ -2,7 +2,7 @@
 
     python tests/bench_remedies.py ema RUN_DIR                # an --ema 1 --eval_every K run's scores
     python tests/bench_remedies.py folder --images 1000 --passes 8 --iters 250 -- --threads 1
-    python tests/bench_remedies.py cost --iters 40 --rounds 3
+    python tests/bench_remedies.py cost --iters 8 --rounds 5
 
 ema: the table of an `--ema 1` run's evaluations: the averaged G against the raw G on the same
 noise (`eval` and `eval_raw` in metrics.jsonl). The average does not change training (it draws
@@ -14,8 +14,9 @@ folder: writes the first N MNIST training digits (data/mnist_data) as PNG files,
 features, D's mean probability of "real" on the real and the generated batches of the pass's
 logged iterations, the best pass, and whether the collapse alarm fired.
 
-cost: seconds per iteration of the plain step, --ema 1 and --augment, in interleaved rounds of
-fresh processes (mnist, one pass of --iters), as ratios to the plain step of the same round.
+cost: the mnist step (with the loop's bookkeeping, and the augmentation of the real batch) plain,
+with --ema 1 and with --augment, interleaved in rounds in one process (random images: no data
+read), as ratios to the plain step.
 """
 import argparse
 import json
@@ -88,23 +89,37 @@ def folder(args):
 
 
 def cost(args):
-    variants = {"plain": [], "--ema 1": ["--ema", "1"], f"--augment {POLICY}": ["--augment", POLICY]}
-    per = {name: [] for name in variants}
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            for name, extra in variants.items():
-                out = Path(tmp) / f"{r}_{len(per[name])}_{name.split()[0].strip('-')}"
-                cmd = [sys.executable, str(TRAINER), "-d", "mnist", "--data_dir", args.data_dir, "--use_gpu", "0",
-                       "--quiet", "--seed", "1", "--passes", "1", "--iters", str(args.iters), "--out_dir", str(out),
-                       *extra, *args.rest]
-                stdout = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-                n, s = re.search(r"done: (\d+) iterations? in ([0-9.]+) s", stdout).groups()
-                per[name].append(float(s) / int(n))
-    base = statistics.median(per["plain"])
-    print("| variant | s per iteration (median of rounds) | ratio to plain |")
+    """The step with each option against the plain one, interleaved in rounds in this process."""
+    import dataclasses
+    import time
+    import torch
+    sys.path.insert(0, str(HERE.parent))
+    import gan_trainer as gt
+    torch.set_num_threads(args.threads)
+    base = gt.CONFIGS["mnist"]
+    variants = {"plain": base, "--ema 1": dataclasses.replace(base, ema=True),
+                f"--augment {POLICY}": dataclasses.replace(base, augment=POLICY)}
+    runs = {}
+    for name, cfg in variants.items():
+        torch.manual_seed(1)
+        run = gt.Run(cfg, 1, gt.Speed(channels_last=True), "cpu")
+        runs[name] = run, gt.make_step(run)
+    x, per = torch.rand(base.batch_size, 1, 28, 28) * 2 - 1, {name: [] for name in variants}
+    for r in range(args.rounds + 1):
+        for name, (run, step) in runs.items():
+            started = time.perf_counter()
+            for _ in range(args.iters):
+                xi, z = x, torch.randn(base.batch_size, base.noise_dim)
+                if run.cfg.augment:
+                    xi, z = gt.augmented_inputs(run.cfg.augment, xi, z)
+                run.record(step(xi, z, run.schedule))
+            if r:  # the first round warms up
+                per[name].append((time.perf_counter() - started) / args.iters)
+    plain = statistics.median(per["plain"])
+    print(f"| variant | ms per iteration (median of {args.rounds} rounds of {args.iters}) | ratio to plain |")
     print("|---|---|---|")
     for name, times in per.items():
-        print(f"| {name} | {statistics.median(times):.4f} | {statistics.median(times) / base:.3f} |")
+        print(f"| {name} | {1e3 * statistics.median(times):.0f} | {statistics.median(times) / plain:.3f} |")
 
 
 def main():
@@ -120,11 +135,11 @@ def main():
     f.add_argument("--samples", type=int, default=2000)
     f.add_argument("--seed", type=int, default=1)
     c = sub.add_parser("cost")
-    c.add_argument("--iters", type=int, default=40)
-    c.add_argument("--rounds", type=int, default=3)
-    for s in (f, c):
-        s.add_argument("--data_dir", default="data")
-        s.add_argument("rest", nargs="*", help="after --: more trainer flags")
+    c.add_argument("--iters", type=int, default=8)
+    c.add_argument("--rounds", type=int, default=5)
+    c.add_argument("--threads", type=int, default=1)
+    f.add_argument("--data_dir", default="data")
+    f.add_argument("rest", nargs="*", help="after --: more trainer flags")
     args = p.parse_args()
     {"ema": ema_table, "folder": folder, "cost": cost}[args.what](args)
 
