@@ -174,8 +174,8 @@ def checkpoint_samples(run, n, seed=0):
     """n samples of each pass_<N>.pt of a run, drawn as --evaluate --seed draws them: {pass: samples}."""
     found = {}
     for path in gt.list_checkpoints(Path(run) / "mnist_params"):
-        args = types.SimpleNamespace(params=path, out_dir=run, data_source="mnist")
-        cfg, gen, _ = gt.load_generator(args, torch.device("cpu"))
+        args = types.SimpleNamespace(params=path, out_dir=run, data_source="mnist", ema=None)
+        cfg, gen, _, _ = gt.load_generator(args, torch.device("cpu"))
         torch.manual_seed(seed)
         noise = torch.randn(n, cfg.noise_dim)
         found[int(path.stem.split("_")[1])] = gt.generate_samples(gen, noise, cfg.batch_size).clamp(-1, 1)
