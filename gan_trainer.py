@@ -1001,6 +1001,9 @@ class Run:
         self.logs = {"dis": TrainerLog("discriminator", cfg.batch_size), "gen": TrainerLog("generator", cfg.batch_size)}
         self.fixed_noise, self.fixed_labels = picture_noise(cfg, self.device)
         self.gen_ema = copy.deepcopy(self.gen).requires_grad_(False) if cfg.ema else None
+        self.averaged = None if self.gen_ema is None else list(zip(*[  # (the average's, G's) float tensors
+            (a, c) for a, c in zip(self.gen_ema.state_dict(keep_vars=True).values(),
+                                   self.gen.state_dict(keep_vars=True).values()) if a.is_floating_point()]))
         self.pass_id, self.iteration, self.elapsed = 0, 0, 0.0
         self.started = time.time()
 
@@ -1028,9 +1031,9 @@ class Run:
         its recent past rather than its random start. Every float tensor is averaged (batch
         norm's scale and shift too; the nets keep no running statistics)."""
         half_life = min(self.cfg.ema_kimg * 1000, EMA_RAMPUP * self.steps["gen"] * self.cfg.batch_size)
-        averaged, current = zip(*[(a, c) for a, c in zip(self.gen_ema.state_dict().values(),
-                                                         self.gen.state_dict().values()) if a.is_floating_point()])
-        torch._foreach_lerp_(list(averaged), list(current), 1 - 0.5 ** (self.cfg.batch_size / half_life))
+        averaged, current = self.averaged
+        with torch.no_grad():
+            torch._foreach_lerp_(averaged, current, 1 - 0.5 ** (self.cfg.batch_size / half_life))
 
     def start_pass(self, pass_id):
         self.pass_id = pass_id
@@ -1038,19 +1041,23 @@ class Run:
             for trainer_log in self.logs.values():
                 trainer_log.reset_pass()
 
+    def facts(self):
+        """The checkpoint's plain fields that say what the run is and where it stands (the run's page)."""
+        return {"config": self.cfg.to_dict(), "options": {"seed": self.seed, "speed": dataclasses.asdict(self.speed)},
+                "quality": dataclasses.asdict(self.quality), "pass": self.pass_id, "iteration": self.iteration,
+                "elapsed": self.seconds()}
+
     def state_dict(self):
         no_labels = torch.zeros(0, dtype=torch.int64)
-        return {"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(),
-                "options": {"seed": self.seed, "speed": dataclasses.asdict(self.speed)},
-                "run_options": dataclasses.asdict(self.options), "quality": dataclasses.asdict(self.quality),
+        return {"format": CHECKPOINT_FORMAT, **self.facts(), "run_options": dataclasses.asdict(self.options),
                 "generator": self.gen.state_dict(), "discriminator": self.dis.state_dict(),
                 "generator_ema": {} if self.gen_ema is None else self.gen_ema.state_dict(),
                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "rng": rng_state(),
-                "pass": self.pass_id, "iteration": self.iteration, "schedule": dataclasses.asdict(self.schedule),
+                "schedule": dataclasses.asdict(self.schedule),
                 "fixed_noise": self.fixed_noise.cpu(),
                 "fixed_labels": no_labels if self.fixed_labels is None else self.fixed_labels.cpu(),
                 "trainer_logs": {k: v.state_dict() for k, v in self.logs.items()},
-                "steps": dict(self.steps), "elapsed": self.seconds()}
+                "steps": dict(self.steps)}
 
     def load_state_dict(self, ckpt):
         """Continue from a checkpoint (checked by check_checkpoint); a pass that was finished
@@ -1857,7 +1864,7 @@ class RunFiles:
 
     def write_page(self, run, state):
         if self.write:
-            write_report(self.samples, run_facts(run), self.metrics.lines, state)
+            write_report(self.samples, run.facts(), self.metrics.lines, state)
 
     def draw_plots(self, passes_done, cfg, force=False):
         """losses.png and progress.gif; redrawn at most every PLOT_PERIOD seconds (late in a run
@@ -2477,13 +2484,6 @@ REFRESH_S = 30  # a running run's page reloads itself this often
 SAID_ELSEWHERE = ("data_source", "folder", "classes", "passes", "images")  # configuration fields the page shows apart
 
 
-def run_facts(run):
-    """What the page says of a run: the checkpoint's plain fields, without its tensors."""
-    return {"config": run.cfg.to_dict(), "options": {"seed": run.seed, "speed": dataclasses.asdict(run.speed)},
-            "pass": run.pass_id, "iteration": run.iteration, "elapsed": run.seconds(),
-            "quality": dataclasses.asdict(run.quality)}
-
-
 def write_report(samples_dir, facts, lines, state):
     """<d>_samples/report.html, atomically: the run's configuration and position, its scores
     (the best row marked, with the floor), collapse alarms, plots and every pass's picture,
@@ -2503,7 +2503,7 @@ def report_html(samples, facts, lines, state):
     done = facts["pass"] * cfg["iters_per_pass"] + facts["iteration"]
     total = cfg["passes"] * cfg["iters_per_pass"]
     left = facts["elapsed"] / done * (total - done) if done and state == "running" else None
-    pictures = sorted(samples.glob("train_pass*.png"), key=lambda p: -int(p.stem[10:] or 0) if p.stem[10:].isdigit() else 0)
+    pictures = sorted((p for p in samples.glob("train_pass*.png") if p.stem[10:].isdigit()), key=lambda p: -int(p.stem[10:]))
     image = lambda p, alt, cls="": (f'<img src="{urllib.parse.quote(p.name)}" alt="{text(alt)}" class="{cls}">'  # noqa: E731
                                     if p.exists() else f'<p class="missing">{text(alt)}: not recorded</p>')
     speed_line = Speed(**speed).describe() if set(speed) == {f.name for f in dataclasses.fields(Speed)} else "not recorded"
@@ -2537,10 +2537,10 @@ def report_html(samples, facts, lines, state):
     scores = (f"<table><tr><th>pass</th><th>iteration</th>{''.join(f'<th>{text(k)}</th>' for k in heads)}</tr>"
               f"{score_rows}</table>{score_plot(finite, metric, floor)}" if evals
               else "<p class=missing>no scores: the run was not trained with --eval_every K</p>")
-    alarms = [m["collapse"] for m in lines if isinstance(m.get("collapse"), dict)]
-    alarm_list = "".join(f"<li>pass {number(m.get('pass'))}: {text(a.get('metric'))} {number(a.get('score'))}, "
+    alarms = [(m.get("pass"), m["collapse"]) for m in lines if isinstance(m.get("collapse"), dict)]
+    alarm_list = "".join(f"<li>pass {number(p)}: {text(a.get('metric'))} {number(a.get('score'))}, "
                          f"over {COLLAPSE_FACTOR}x the best ({number(a.get('best'))}, pass {number(a.get('best_pass'))})"
-                         "</li>" for m, a in ((m, m["collapse"]) for m in lines if isinstance(m.get("collapse"), dict)))
+                         "</li>" for p, a in alarms)
     newest = image(pictures[0], pictures[0].stem, "newest") if pictures else "<p class=missing>no picture yet</p>"
     refresh = f'<meta http-equiv="refresh" content="{REFRESH_S}">' if state == "running" else ""
     return f"""<!DOCTYPE html>

@@ -15,7 +15,7 @@ class Page(html.parser.HTMLParser):
 
     def __init__(self, text):
         super().__init__()
-        self.images, self.words, self.refresh, self.scripts, self.best_rows = [], [], False, 0, 0
+        self.images, self.words, self.refresh, self.scripts = [], [], False, 0
         self.feed(text)
 
     def handle_starttag(self, tag, attrs):
@@ -23,7 +23,6 @@ class Page(html.parser.HTMLParser):
         self.images += [attrs["src"]] if tag == "img" else []
         self.refresh |= tag == "meta" and attrs.get("http-equiv") == "refresh"
         self.scripts += tag in ("script", "iframe", "object", "embed", "link")
-        self.best_rows += tag == "tr" and attrs.get("class") == "best"
 
     def handle_data(self, data):
         self.words.append(data)
