@@ -264,13 +264,13 @@ class FeatureNet(nn.Module):
     """The evaluation features of cifar and of a folder, trained on the data itself: a small
     conv trunk (`features`, 128-d) for any channels and size (images larger than 32 x 32 are
     averaged down to it first: the trunk's cost stays that of a 32 x 32 image), and a `head`
-    for its task: the classes where there are labels, else the rotation of the image (0, 90,
-    180 or 270 degrees), chosen by measurement (tests/BENCHMARKS.md)."""
+    for its task: the classes where there are labels, else a decoder that draws the image back
+    from its 128 features (an autoencoder), chosen by measurement (tests/BENCHMARKS.md)."""
 
     feature_dim = 128
     most_size = 32
 
-    def __init__(self, channels, outputs):
+    def __init__(self, channels, classes=0):
         super().__init__()
         self.features = nn.Sequential(
             ShrinkTo(self.most_size),
@@ -279,9 +279,14 @@ class FeatureNet(nn.Module):
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
             nn.Flatten(), nn.Linear(64 * 4 * 4, self.feature_dim), nn.ReLU(),
         )
-        self.head = nn.Linear(self.feature_dim, outputs)
+        self.head = nn.Linear(self.feature_dim, classes) if classes else nn.Sequential(
+            nn.Linear(self.feature_dim, 32 * 8 * 8), nn.ReLU(), nn.Unflatten(1, (32, 8, 8)),
+            nn.ConvTranspose2d(32, 16, 4, 2, 1), nn.ReLU(),                 # 16 x 16
+            nn.ConvTranspose2d(16, channels, 4, 2, 1), nn.Tanh(),           # 32 x 32, in [-1, 1]
+        )
 
     def forward(self, x):
+        """Logits of the classes, or the image drawn back at most_size x most_size."""
         return self.head(self.features(x))
 
 

@@ -3898,13 +3898,13 @@ def load_digit_classifier(data_dir, log=print):
 #
 # No Inception network can be had offline, so the features are those of a small net trained on
 # the data itself, once, and cached: a classifier where the data has classes (CIFAR-10's labels,
-# a folder's class subfolders), else a net that tells by how much each image was rotated (the
+# a folder's class subfolders), else an autoencoder, whose code must hold what each image is (the
 # self-supervised task that ranked sample sets best on MNIST: tests/BENCHMARKS.md). Their scores
 # compare runs on the same data; they are not Inception FIDs, and no figure published elsewhere
 # compares with them.
 
 FEATURE_STEPS = 1000    # batches of 128 that train a feature net (tests pass fewer)
-FEATURE_VERSION = 1     # of FeatureNet and its training: a cache of another version is trained anew
+FEATURE_VERSION = 2     # of FeatureNet and its training: a cache of another version is trained anew
 HELD_OUT_SHARE = 0.1    # of a folder (and of CIFAR-10 without test_batch): the floor's images, never trained on
 
 
@@ -3969,7 +3969,7 @@ def load_feature_net(real, log=print, steps=None):
     steps = FEATURE_STEPS if steps is None else steps
     key = feature_key(real, steps)
     path = cache_folder() / f"features-{key[:16]}.pt"
-    kind = f"a classifier of its {len(real.classes)} classes" if real.classes else "a rotation-prediction net"
+    kind = f"a classifier of its {len(real.classes)} classes" if real.classes else "an autoencoder"
     about = (f"({kind}, {len(real.training_images)} images, cached in {path}; the floor: {len(real.held_out)} held-out "
              "images): scores compare runs on this data; they are not Inception FIDs")
     unusable = ""
@@ -3982,8 +3982,10 @@ def load_feature_net(real, log=print, steps=None):
             why = weights_only_reason(e) if isinstance(e, pickle.UnpicklingError) else in_one_line(e, most=100)
             unusable = f"; the cached ones were unusable ({why})"
     log(f"training the evaluation features for {real.what} {about}{unusable}")
-    net = FeatureNet(real.training_images.shape[1], len(real.classes) or 4)
-    task = rotation_loss if real.labels is None else lambda net, x, idx: F.cross_entropy(net(x), real.labels[idx])
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the same data gets the same net, wherever and whenever it is trained
+        net = FeatureNet(real.training_images.shape[1], len(real.classes))
+    task = reconstruction_loss if real.labels is None else lambda net, x, idx: F.cross_entropy(net(x), real.labels[idx])
     train_feature_net(net, real.training_images, task, steps, quiet=not getattr(log, "show_bar", sys.stdout.isatty()))
     buffer = io.BytesIO()
     torch.save({"state_dict": net.state_dict(), "key": key}, buffer)
@@ -4003,7 +4005,7 @@ def read_feature_net(path, key, real):
         saved = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
     if not isinstance(saved, dict) or saved.get("key") != key:
         raise ValueError("not the features of these images")
-    net = FeatureNet(real.training_images.shape[1], len(real.classes) or 4)
+    net = FeatureNet(real.training_images.shape[1], len(real.classes))
     net.load_state_dict(saved["state_dict"])  # strict: other names or shapes raise
     if not all(t.isfinite().all() for t in net.state_dict().values()):
         raise ValueError("non-finite weights")
@@ -4041,14 +4043,11 @@ def train_feature_net(net, images, task, steps, quiet=True, batch=128, seed=0):
     return net.eval()
 
 
-def rotation_loss(net, x, idx=None):
-    """The self-supervised task: each image turned by a random multiple of 90 degrees, and the
-    net's cost of telling which."""
-    turns = torch.randint(4, (len(x),))
-    x = x.clone()
-    for k in range(1, 4):
-        x[turns == k] = x[turns == k].rot90(k, (2, 3))
-    return F.cross_entropy(net(x), turns)
+def reconstruction_loss(net, x, idx=None):
+    """The self-supervised task: how far the image the net draws back from its features is from
+    the image (resized to the decoder's most_size x most_size)."""
+    target = F.interpolate(x, size=FeatureNet.most_size, mode="bilinear", antialias=True)
+    return F.mse_loss(net(x), target)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Do the scores mean something? (run by hand, not collected by pytest; tests/BENCHMARKS.md#scores)
 
     python tests/bench_scores.py calibrate                  # the six sample sets, for each feature net of MNIST
-    python tests/bench_scores.py choose --run /tmp/agree    # rotation, autoencoder, contrastive: calibration, agreement
+    python tests/bench_scores.py choose --run /tmp/agree    # autoencoder, rotation, contrastive: calibration, agreement
     python tests/bench_scores.py agree --run /tmp/agree     # the folder score against the digit classifier's FID
     python tests/bench_scores.py cifar                      # CIFAR-format fixtures: the machinery and the timing
 
@@ -67,22 +67,25 @@ def held_out_labels(folder):
 # ------------------------------------------------------------------ the self-supervised candidates
 
 def rotation_net(channels):
-    return gan_conf.FeatureNet(channels, 4), gt.rotation_loss
+    """Each image turned by a random multiple of 90 degrees, and the net's cost of telling which."""
+    def loss(net, x, idx):
+        turns = torch.randint(4, (len(x),))
+        x = x.clone()
+        for k in range(1, 4):
+            x[turns == k] = x[turns == k].rot90(k, (2, 3))
+        return F.cross_entropy(net(x), turns)
+    return gan_conf.FeatureNet(channels, 4), loss
 
 
-def autoencoder_net(channels, size=28):
-    """The trunk's 128 features decoded back to the image (size divisible by 4)."""
-    net = gan_conf.FeatureNet(channels, 4)
-    net.head = nn.Sequential(nn.Linear(128, 32 * (size // 4) ** 2), nn.ReLU(), nn.Unflatten(1, (32, size // 4, size // 4)),
-                             nn.ConvTranspose2d(32, 16, 4, 2, 1), nn.ReLU(),
-                             nn.ConvTranspose2d(16, channels, 4, 2, 1), nn.Tanh())
-    return net, lambda net, x, idx: F.mse_loss(net(x), x)
+def autoencoder_net(channels):
+    """The trainer's own: the trunk's 128 features decoded back to the image."""
+    return gan_conf.FeatureNet(channels), gt.reconstruction_loss
 
 
 def contrastive_net(channels, temperature=0.5):
     """SimCLR: two views of each image (shifted up to 3 pixels, noise added), told apart from
     the other images of the batch."""
-    net = gan_conf.FeatureNet(channels, 4)
+    net = gan_conf.FeatureNet(channels, 4)  # its head replaced: a projection for the contrast
     net.head = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64))
 
     def view(x):
@@ -99,14 +102,14 @@ def contrastive_net(channels, temperature=0.5):
     return net, loss
 
 
-CANDIDATES = {"rotation": rotation_net, "autoencoder": autoencoder_net, "contrastive": contrastive_net}
+CANDIDATES = {"autoencoder": autoencoder_net, "rotation": rotation_net, "contrastive": contrastive_net}
 
 
 def folder_evaluator(folder, task="product"):
-    """The Evaluator of -d folder on `folder`: the product's feature net (rotation prediction
+    """The Evaluator of -d folder on `folder`: the product's feature net (the autoencoder
     without classes: cached for the other commands), or another candidate task's (trained here,
     for the same steps, never cached)."""
-    if task in ("product", "rotation"):
+    if task in ("product", "autoencoder"):
         return gt.Evaluator(folder_config(), folder, None, print)
     product = gt.load_feature_net
 
@@ -223,7 +226,7 @@ def command_calibrate(args):
               args.samples)
     test = gt.to_unit_range(torch.from_numpy(gt.load_mnist(args.data_dir, "test").copy()))
     evaluation_time(digit, test)
-    for folder, title in ((flat, "a folder of MNIST PNGs, rotation prediction"),
+    for folder, title in ((flat, "a folder of MNIST PNGs, the autoencoder"),
                           (classes, "a folder of MNIST PNGs in a subfolder per digit, its class net")):
         ev = timed("the folder's Evaluator", lambda: folder_evaluator(folder))
         calibrate(ev, held_out_labels(folder), f"{title} ({len(ev.floor_images)} held-out images, {args.samples} "

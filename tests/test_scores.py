@@ -139,7 +139,7 @@ def test_cifar_features_learn_its_classes_and_its_floor_is_the_test_batch(runs, 
     assert "a classifier of its 10 classes, 80 images" in stdout and "the floor: 16 held-out images" in stdout
     assert "classes_covered=" in stdout
     _, stdout, _ = run_main([*runs["cifar"][0], *runs["cifar"][1], "--evaluate", "--samples", 24], capsys)
-    assert "a rotation-prediction net, 72 images" in stdout  # one class only: no classes to learn
+    assert "an autoencoder, 72 images" in stdout  # one class only: no classes to learn
 
 
 def test_label_accuracy_draws_each_class_as_generate_label_does(runs, monkeypatch, capsys):
@@ -226,18 +226,37 @@ def test_features_are_trained_once_per_data_and_cached_outside_the_folder(tmp_pa
     said = []
     first = gt.load_feature_net(folder_features(root), said.append)
     assert len(said) == 1 and said[0].startswith("training the evaluation features for the folder")
-    assert "a rotation-prediction net, 58 images" in said[0] and "the floor: 6 held-out images" in said[0]
+    assert "an autoencoder, 58 images" in said[0] and "the floor: 6 held-out images" in said[0]
     said.clear()
     again = gt.load_feature_net(folder_features(root), said.append)
     assert len(said) == 1 and said[0].startswith("evaluation features for the folder")  # read, not trained
     x = torch.rand(4, 3, 8, 8)
     assert torch.equal(first.features(x), again.features(x))
+    for cached in cache_home.glob("features-*.pt"):
+        cached.unlink()
+    anew = gt.load_feature_net(folder_features(root), said.append)  # trained again: the same net, the same ruler
+    assert torch.allclose(first.features(x), anew.features(x), atol=1e-5)
     Image.new("RGB", (8, 8), (255, 0, 0)).save(root / "0_0.png")  # a changed image: other data, other features
     said.clear()
     gt.load_feature_net(folder_features(root), said.append)
     assert said[0].startswith("training the evaluation features")
     assert len(list(cache_home.glob("features-*.pt"))) == 2
     assert sorted(p.name for p in root.rglob("*")) == before  # nothing written in the folder
+
+
+def test_a_folder_without_classes_gets_an_autoencoder_that_draws_its_held_out_images_back(tmp_path):
+    real = folder_features(make_image_folder(tmp_path / "images", classes=None))
+    held = gt.to_unit_range(real.held_out)
+    net = gt.FeatureNet(3)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        untrained = gt.reconstruction_loss(net.eval(), held).item()
+    gt.train_feature_net(net, real.training_images, gt.reconstruction_loss, steps=150)
+    with torch.no_grad():
+        drawn = net(held)
+        trained = gt.reconstruction_loss(net, held).item()
+    assert drawn.shape == (len(held), 3, 32, 32) and net.features(held).shape == (len(held), 128)
+    assert trained < untrained / 4  # images it never saw, drawn back from 128 features
 
 
 class RunsCode:
