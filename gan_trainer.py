@@ -3631,6 +3631,7 @@ class Evaluator:
     evaluation features (mnist: the digit classifier; cifar and a folder: a net trained on
     them, see load_feature_net), the real images' features and neighbourhoods, the floor."""
 
+    @torch.random.fork_rng()  # building its nets must not move the training's random stream (resume)
     def __init__(self, cfg, data_dir, data=None, log=print):
         """data: mnist's training images where the caller holds them (read here otherwise);
         CIFAR-10 and a folder are read here, for their labels and class subfolders."""
@@ -3961,6 +3962,7 @@ def cache_folder():
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gan_trainer"
 
 
+@torch.random.fork_rng()  # seeded here, the caller's random stream untouched
 def load_feature_net(real, log=print, steps=None):
     """The feature net of `real` (a FeatureData), trained once and cached in cache_folder(),
     keyed to what it learns from: changed images or classes train a new one. The cache is read
@@ -3982,9 +3984,8 @@ def load_feature_net(real, log=print, steps=None):
             why = weights_only_reason(e) if isinstance(e, pickle.UnpicklingError) else in_one_line(e, most=100)
             unusable = f"; the cached ones were unusable ({why})"
     log(f"training the evaluation features for {real.what} {about}{unusable}")
-    with torch.random.fork_rng():
-        torch.manual_seed(0)  # the same data gets the same net, wherever and whenever it is trained
-        net = FeatureNet(real.training_images.shape[1], len(real.classes))
+    torch.manual_seed(0)  # the same data gets the same net, wherever and whenever it is trained
+    net = FeatureNet(real.training_images.shape[1], len(real.classes))
     task = reconstruction_loss if real.labels is None else lambda net, x, idx: F.cross_entropy(net(x), real.labels[idx])
     train_feature_net(net, real.training_images, task, steps, quiet=not getattr(log, "show_bar", sys.stdout.isatty()))
     buffer = io.BytesIO()

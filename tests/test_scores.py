@@ -156,6 +156,26 @@ def test_label_accuracy_draws_each_class_as_generate_label_does(runs, monkeypatc
     assert "label_accuracy=" in stdout
 
 
+@pytest.mark.parametrize("source", ["mnist", "folder"])
+def test_scoring_while_training_moves_no_number_of_the_run_and_its_resume_stays_exact(tmp_path, source):
+    """The feature net is trained by the first scored run and read by the resumed one: neither
+    may draw from the training's random stream."""
+    data = make_labelled_mnist(tmp_path / "mnist") if source == "mnist" else \
+        make_image_folder(tmp_path / "images", classes=None)
+    base = ["-d", source, "--data_dir", data, "--batch_size", 8, "--iters", 2, "--seed", 1, "--use_gpu", 0, "--quiet",
+            *(["--image_size", 8] if source == "folder" else [])]
+    scored = [*base, "--eval_every", 1, "--samples", 24]
+    for argv, out in (([*base, "--passes", 2], "plain"), ([*scored, "--passes", 2], "scored"),
+                      ([*scored, "--passes", 1], "resumed"), ([*scored, "--passes", 2, "--resume"], "resumed")):
+        code, stdout = quietly([*argv, "--out_dir", tmp_path / out])
+        assert code == 0, stdout
+    last = {out: torch.load(tmp_path / out / f"{source}_params" / "pass_1.pt", weights_only=True)
+            for out in ("plain", "scored", "resumed")}
+    for out in ("scored", "resumed"):
+        for net in ("generator", "discriminator"):
+            assert all(torch.equal(v, last["plain"][net][k]) for k, v in last[out][net].items()), (out, net)
+
+
 # ------------------------------------------------------------------ --evaluate FILE.npy
 
 @pytest.mark.parametrize("name", ["uniform", "folder"])
