@@ -11,6 +11,8 @@ scored per class by the digit classifier (tests/BENCHMARKS.md, "The class you as
   a batch labelled as in training;
 - cycling: the rows of class K out of a draw whose labels cycle over all classes (--generate
   without --label), for comparison.
+A first row gives the floor: the share of MNIST's real test digits of each class that the
+classifier reads as their class.
 """
 import argparse
 import sys
@@ -89,6 +91,14 @@ def main():
     print(f"{a.checkpoint}: {a.samples} samples per class, read by the digit classifier")
     print("| way | " + " | ".join(str(k) for k in range(10)) + " | mean | seconds |")
     print("|---|" + "---|" * 12)
+    # the floor per class: how often the classifier reads MNIST's real test digits as their own
+    real = torch.tensor(gt.load_mnist(a.data_dir, "test"))
+    truth = torch.tensor(gt.load_mnist_labels(a.data_dir, "test")).long()
+    with torch.no_grad():
+        read = torch.cat([classifier(gt.to_unit_range(c)).argmax(1) for c in real.split(500)])
+    accuracy = [read[truth == k].eq(k).double().mean().item() for k in range(10)]
+    print("| real test digits (the floor) | " + " | ".join(f"{v:.1%}" for v in accuracy)
+          + f" | {read.eq(truth).double().mean().item():.1%} | |")
     for name in a.ways:
         draw = WAYS[name]
         accuracy, started = [], time.time()
