@@ -2366,7 +2366,9 @@ def generate_samples(gen, noise, batch_size, generator=None, labels=None):
 
 def among_companions(gen, noise, labels, batch_size, generator=None):
     """A conditional G's output for (noise, labels), each row drawn in a batch labelled as the
-    training batches are: every class in turn (slot j of a batch holds class j mod k).
+    training batches are: every class in turn (slot j of batch b holds class j mod k; a batch
+    smaller than the k classes holds the next batch_size of them, so they rotate from batch
+    to batch).
 
     G's batch norm subtracts the batch mean, and with it whatever every row of the batch shares:
     in a batch of one label, the label itself. So the rows asked for fill the slots of their
@@ -2374,25 +2376,30 @@ def among_companions(gen, noise, labels, batch_size, generator=None):
     cycle over the classes need no companion; a single class needs k batches per batch of it.
     """
     k = gen.classes
-    slots = torch.arange(batch_size) % k
-    per_batch = torch.bincount(slots, minlength=k)
     asked = [(labels == c).nonzero().flatten().cpu() for c in range(k)]
-    batches = max(-(-len(rows) // int(n)) for rows, n in zip(asked, per_batch))
-    rank = torch.cat([torch.arange(int(n)) for n in per_batch])[slots.argsort(stable=True).argsort()]
+    drawn = torch.zeros(k, dtype=torch.long)  # rows of each class drawn so far
     companions = generator or torch.Generator().manual_seed(0)  # never the training's random stream
-    out = None
-    for b in range(batches):
-        rows = torch.tensor([asked[c][r] if r < len(asked[c]) else -1
-                             for c, r in zip(slots.tolist(), (b * per_batch[slots] + rank).tolist())])
+    out = noise.new_empty(0)
+    for b in itertools.count():
+        if all(n >= len(rows) for n, rows in zip(drawn.tolist(), asked)):
+            return out
+        slots = (torch.arange(batch_size) + (b * batch_size if batch_size < k else 0)) % k
+        order = slots.argsort(stable=True)
+        rank = torch.empty_like(slots)  # each slot's place among the slots of its class
+        rank[order] = torch.arange(batch_size) - torch.searchsorted(slots[order], slots[order])
+        at = drawn[slots] + rank
+        drawn += torch.bincount(slots, minlength=k)
+        rows = torch.tensor([asked[c][i] if i < len(asked[c]) else -1 for c, i in zip(slots.tolist(), at.tolist())])
+        if (rows < 0).all():
+            continue  # a rotation past classes nobody asked for
         z = noise[rows.clamp(min=0).to(noise.device)]
         fill = (rows < 0).nonzero().flatten()
         z[fill.to(z.device)] = torch.randn(len(fill), z.shape[1], generator=companions).to(z.device)
         images = gen(z, slots.to(z.device))
-        if out is None:
+        if not len(out):
             out = images.new_empty(len(noise), *images.shape[1:])
         keep = (rows >= 0).to(z.device)
         out[rows[rows >= 0].to(z.device)] = images[keep]
-    return out
 
 
 def pyplot():

@@ -256,6 +256,26 @@ def test_a_conditional_mnist_run_draws_a_row_per_digit_and_generates_the_labels_
     assert_one_line_error(code, err, "--label ten: not a class", "0-9")
 
 
+def test_a_batch_smaller_than_the_classes_draws_them_in_turn(tmp_path, capsys):
+    """Batches of 4 hold 4 of the 10 digits (training batches do too): the picture, --generate
+    and --label draw each row among companions of the next classes, batch after batch."""
+    data, out = conditional_mnist(tmp_path), tmp_path / "out"
+    code, _, err = run_main(["-d", "mnist", "--conditional", 1, "--batch_size", 4, "--iters", 2, "--passes", 1,
+                             "--seed", 2, "--use_gpu", 0, "--quiet", "--data_dir", data, "--out_dir", out], capsys)
+    assert code == 0, err
+    assert Image.open(out / "mnist_samples" / "train_pass0.png").size == (280, 280)
+    for label in ("7", "0"):
+        code, _, err = run_main(["-d", "mnist", "--use_gpu", 0, "--generate", 6, "--label", label, "--seed", 3,
+                                 "--output", tmp_path / f"g{label}", "--out_dir", out], capsys)
+        assert code == 0, err
+        assert np.load(tmp_path / f"g{label}.labels.npy").tolist() == [int(label)] * 6
+    assert np.abs(np.load(tmp_path / "g7.npy") - np.load(tmp_path / "g0.npy")).max() > 1e-3  # G saw the label
+    gen = gan_conf.build_nets(gan_trainer.check_config(load_ckpt(out / "mnist_params" / "pass_0.pt")["config"]))[0]
+    noise, labels = torch.randn(13, 100), torch.arange(13) % 10
+    assert torch.equal(gan_trainer.generate_samples(gen, noise, 4, labels=labels)[4:8],
+                       gen(noise[4:8], labels[4:8]))  # the second batch: digits 4-7, no companion needed
+
+
 def test_label_needs_a_conditional_generator(uniform_run, tmp_path, capsys):
     code, _, err = run_main(["-d", "uniform", "--use_gpu", 0, "--generate", 4, "--label", 1,
                              "--params", uniform_run.params("uniform") / "pass_1.pt", "--output", tmp_path / "g"], capsys)
