@@ -406,6 +406,11 @@ def set_up(args, files, device, procs, log):
     procs.rows(cfg.batch_size)  # refuses a batch that does not divide over the processes
     options = RunOptions.decide(args, RunOptions(**ckpt["run_options"]) if ckpt else None)
     files.keep = options.keep
+    if options.stop_on_collapse and not options.eval_every:
+        raise UserError("--stop_on_collapse 1 acts on the scores of --eval_every K, which this run does not take: "
+                        "give --eval_every too")
+    if options.eval_every > cfg.passes:
+        log(f"note: --eval_every {options.eval_every}: this run of {plural(cfg.passes, 'pass')} scores none of them")
     data_dir = args.data_dir or cfg.folder or "data"
     if options.eval_every:
         check_evaluable(cfg.data_source, data_dir)

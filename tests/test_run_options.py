@@ -56,6 +56,17 @@ def test_params_best_without_a_best_checkpoint_says_so(tmp_path, capsys):
     assert_one_line_error(code, err, "no best checkpoint", "--eval_every")
 
 
+def test_options_that_would_do_nothing_are_said(tmp_path, capsys):
+    """--stop_on_collapse 1 without scores could never act: refused, leaving no folder behind;
+    an --eval_every beyond the run's passes scores nothing: said."""
+    code, _, err = run_main([*TINY, "--passes", 1, "--stop_on_collapse", 1, "--out_dir", tmp_path / "a"], capsys)
+    assert_one_line_error(code, err, "--stop_on_collapse 1 acts on the scores of --eval_every K")
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
+    stdout = train(capsys, tmp_path / "b", "--passes", 1, "--eval_every", 2, "--compile", 0)
+    assert "note: --eval_every 2: this run of 1 pass scores none of them" in stdout
+    assert not (tmp_path / "b" / "uniform_params" / "best.pt").exists()
+
+
 def test_the_collapse_rule_on_a_scripted_sequence_of_scores():
     quality, seen = gt.Quality(), []
     for pass_id, score in enumerate([10.0, 8.0, 9.0, 17.0, 20.0, 30.0, 7.0, 15.0, 15.0]):
