@@ -3570,18 +3570,28 @@ def evaluate_file(path, args):
 
 def read_samples(path):
     """The array in FILE.npy as float32, checked to hold finite numbers."""
-    try:
-        array = np.load(path, allow_pickle=False)  # an array of objects (a pickle) is refused
-    except (OSError, ValueError, EOFError) as e:
-        raise UserError(f"--evaluate {path}: cannot read it as a .npy array ({in_one_line(e, most=100)})")
-    if not isinstance(array, np.ndarray):
-        raise UserError(f"--evaluate {path}: an .npz archive of arrays; give one .npy array, as --generate writes")
+    array = load_one_array(path, f"--evaluate {path}")
     if array.dtype.kind != "f":
         raise UserError(f"--evaluate {path}: values of type {array.dtype}; expected float32 (images in [-1, 1]), "
                         "as --generate writes them")
     if not np.isfinite(array).all():
         raise UserError(f"--evaluate {path}: it holds NaN or infinite values")
     return torch.from_numpy(array.astype(np.float32))
+
+
+def load_one_array(path, about):
+    """The array of a .npy file, never unpickled (an array of Python objects could run code)."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        why = ("it has no .npy header (numpy would unpickle it, which could run code)" if "pickled" in str(e) else
+               "an array of Python objects, which could run code" if "Object arrays" in str(e) else in_one_line(e, most=100))
+        raise UserError(f"{about}: not read as a .npy array of numbers as --generate writes: {why}")
+    if not isinstance(array, np.ndarray):
+        array.close()
+        raise UserError(f"{about}: a zip archive (an .npz of arrays, or a checkpoint, which --evaluate --params "
+                        "FILE scores), not one .npy array as --generate writes")
+    return array
 
 
 def samples_config(data_source, samples, path):
@@ -3614,12 +3624,9 @@ def read_sample_labels(path, n):
     found = labels_path(path)
     if not found.exists():
         return None
-    try:
-        labels = np.load(found, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
-        raise UserError(f"{found}: cannot read it as a .npy array ({in_one_line(e, most=100)})")
-    if not isinstance(labels, np.ndarray) or labels.dtype.kind not in "iu" or labels.shape != (n,):
-        raise UserError(f"{found}: {getattr(labels, 'dtype', 'an archive')} of shape {getattr(labels, 'shape', '?')}; "
+    labels = load_one_array(found, str(found))
+    if labels.dtype.kind not in "iu" or labels.shape != (n,):
+        raise UserError(f"{found}: {labels.dtype} of shape {labels.shape}; "
                         f"expected {n} integer classes, one per sample of {path.name}")
     return torch.from_numpy(labels.astype(np.int64))
 

@@ -206,12 +206,18 @@ def test_evaluate_file_reads_the_labels_beside_it(runs, tmp_path, capsys):
     (np.zeros((5, 3), np.float32), "samples of shape (5, 3); -d uniform scores (n, 2)"),
     (np.full((5, 2), np.nan, np.float32), "NaN or infinite"),
     (np.zeros((5, 2), np.int64), "values of type int64"),
-    (np.array([{"a": 1}] * 5, dtype=object), "cannot read it as a .npy array"),
-    (None, "cannot read it as a .npy array"),
+    (np.array([{"a": 1}] * 5, dtype=object), "an array of Python objects, which could run code"),
+    (b"\x80\x04K\x01.", "no .npy header (numpy would unpickle it"),
+    ({"generator": torch.zeros(2)}, "a zip archive (an .npz of arrays, or a checkpoint"),
+    (None, "not read as a .npy array"),
 ])
 def test_evaluate_file_refuses_what_is_not_samples_in_one_line(tmp_path, capsys, array, says):
     path = tmp_path / "odd.npy"
-    if array is not None:
+    if isinstance(array, bytes):
+        path.write_bytes(array)
+    elif isinstance(array, dict):
+        torch.save(array, path)
+    elif array is not None:
         np.save(path, array, allow_pickle=True)
     code, _, err = run_main(["-d", "uniform", "--use_gpu", 0, "--evaluate", path], capsys)
     assert_one_line_error(code, err, str(path), says)
