@@ -2321,7 +2321,7 @@ def metrics_until(path, ckpt, log):
         try:
             m = json.loads(line)
             at = (m["pass"], m["iteration"])
-            if not all(is_int(v) for v in at) or ("d_loss" in m and not plottable(m)):
+            if not all(is_int(v) for v in at) or ("d_loss" in m and not plottable(m)) or not numbers_fit(m):
                 raise TypeError
         except (ValueError, TypeError, KeyError, RecursionError, OverflowError):  # deeply nested; ints beyond floats
             odd += line.strip() != ""
@@ -2335,6 +2335,16 @@ def metrics_until(path, ckpt, log):
 
 
 LOSSES = ("d_pos_loss", "d_neg_loss", "d_loss", "g_loss")
+
+
+def numbers_fit(v, depth=0):
+    """Whether every integer in a metrics line fits a float, as the page and the plots need
+    (JSON reads integers of any length), within the few levels of nesting a run writes."""
+    if isinstance(v, dict):
+        v = list(v.values())
+    if isinstance(v, list):
+        return depth < 4 and all(numbers_fit(x, depth + 1) for x in v)
+    return not isinstance(v, int) or abs(v) < 2 ** 63
 
 
 def plottable(m):

@@ -92,8 +92,12 @@ def loss_line(**fields):
     loss_line(step=-1e308),
     loss_line(d_share=10 ** 400),
     loss_line(step="1"),
+    json.dumps({"pass": 0, "iteration": 1, "step": 1, "eval": {"fid": 10 ** 400}}),
+    json.dumps({"pass": 0, "iteration": 1, "step": 1, "eval": {"fid": 1.0}, "floor": {"fid": -10 ** 400}}),
+    json.dumps({"pass": 0, "iteration": 1, "step": 10 ** 400, "eval": {"fid": 1.0}}),
+    json.dumps({"pass": 0, "iteration": 1, "collapse": {"score": 1.0, "best": 10 ** 400}}),
 ], ids=["nested", "nested_field", "text", "null", "inf", "nan", "beyond_float32", "step_float", "huge_int",
-        "step_text"])
+        "step_text", "eval_huge_int", "floor_huge_int", "eval_step_huge_int", "collapse_huge_int"])
 def test_metrics_lines_whose_losses_are_not_plottable_are_left_out(tmp_path, odd):
     """Left out like other odd lines; what a run can write is kept (its extremes too: float32
     losses, a share, a step count), and drawn."""
