@@ -351,6 +351,7 @@ def report_failure(line, first=None):
     (Processes start at different speeds, so the wait is long: rank 0 may still be loading.)"""
     if first is None:
         first = rank_0()
+    line = shown(line)  # a path or a name with a newline in it must not break the line
     if torchrun_rank() and not first:
         def end(signum, frame):
             if signum == signal.SIGINT:  # Ctrl-C: the user is waiting for the reason
@@ -3517,8 +3518,8 @@ def class_index(label, classes, log=write_stdout):
     if label in classes:
         index = classes.index(label)
         if as_index is not None and as_index != index:
-            log(f"--label {label}: the class named '{label}' (index {index}), not the class at index {as_index} "
-                f"('{classes[as_index]}')")
+            log(f"--label {shown(label)}: the class named '{shown(label)}' (index {index}), not the class at index "
+                f"{as_index} ('{shown(classes[as_index])}')")
         return index
     if as_index is None:
         raise UserError(f"--label {label}: not a class of this generator: 0-{len(classes) - 1} or "

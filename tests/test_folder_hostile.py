@@ -311,6 +311,19 @@ def test_names_that_would_break_a_line_are_escaped(tmp_path, capsys):
     assert_one_line_error(code, err, "no\\nsuch: not a folder")
 
 
+@pytest.mark.parametrize("flags", [
+    ["-d", "mnist", "--data_dir", "a\nb"],
+    ["-d", "cifar", "--data_dir", "a\nb"],
+    ["-d", "folder", "--generate", 2, "--out_dir", "a\nb"],
+    ["-d", "uniform", "--resume", "a\nb.pt"],
+], ids=["mnist", "cifar", "generate", "resume"])
+def test_every_error_line_escapes_a_newline_it_quotes(tmp_path, capsys, monkeypatch, flags):
+    """Escaped where the line is printed, whatever message quotes the path."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main([*flags, "--use_gpu", 0], capsys)
+    assert_one_line_error(code, err, "a\\nb")
+
+
 # ------------------------------------------------------------------ classes
 
 def test_class_folders_without_images_are_named(tmp_path):
