@@ -1241,8 +1241,7 @@ def read_idx(path, magic, item_shape):
     more (a gzip bomb) is never read whole."""
     path = Path(path)
     try:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rb") as f:
+        with open_regular_file(path) as file, (gzip.open(file) if path.suffix == ".gz" else file) as f:
             shape = check_idx_header(path, f.read(4 + 4 * (len(item_shape) + 1)), magic, item_shape)
             size = math.prod(shape)
             raw = f.read(size + 1)
@@ -1329,7 +1328,7 @@ def read_cifar_batch(path):
     if not path.exists():
         raise UserError(f"CIFAR-10 file {path} not found: run {CIFAR_SCRIPT} (cd data && ./download_cifar.sh)")
     try:
-        with open(path, "rb") as f:
+        with open_regular_file(path) as f:
             batch = CifarUnpickler(f, encoding="bytes").load()
         rows = batch[b"data"] if b"data" in batch else batch["data"]
         labels = batch.get(b"labels", batch.get("labels"))
@@ -2036,17 +2035,23 @@ def save_checkpoint(path, state, keep):
 def read_checkpoint(path):
     """The raw content of a checkpoint file, read without running any code that it could hold."""
     try:
-        with warnings.catch_warnings():  # torch warns of pickle protocols it did not write
-            warnings.simplefilter("ignore")
-            # Onto the CPU first (a checkpoint from a GPU loads anywhere; random states must be
-            # CPU tensors); load_state_dict then moves weights and optimizer state to the nets' device.
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return load_tensors(path)
     except pickle.UnpicklingError as e:  # weights_only met something beyond tensors and plain values
         raise UserError(f"{path}: refused: it holds more than tensors and plain values ({weights_only_reason(e)}), "
                         "and loading such a file could run code; checkpoints of earlier versions of this trainer "
                         "(an earlier architecture of G) look like this: train anew")
     except Exception as e:  # truncated zip, not a torch file, ...
         raise UserError(f"{path}: not a readable checkpoint ({in_one_line(e, most=120)})")
+
+
+def load_tensors(path):
+    """The tensors and plain values of a file saved by torch.save, read weights-only (nothing in
+    it can run code) onto the CPU: a checkpoint from a GPU loads anywhere, and random states must
+    be CPU tensors (load_state_dict then moves the rest to the nets' device). A FIFO or a device
+    is refused, not waited on."""
+    with open_regular_file(path) as f, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns of pickle protocols it did not write
+        return torch.load(f, map_location="cpu", weights_only=True)
 
 
 def weights_only_reason(e):
@@ -2312,7 +2317,8 @@ def metrics_until(path, ckpt, log):
     if not path.exists():
         return []
     try:
-        text = path.read_bytes().decode("utf-8", errors="replace")
+        with open_regular_file(path) as f:
+            text = f.read().decode("utf-8", errors="replace")
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}")
     kept, odd = [], 0
@@ -3593,7 +3599,8 @@ def read_samples(path):
 def load_one_array(path, about):
     """The array of a .npy file, never unpickled (an array of Python objects could run code)."""
     try:
-        array = np.load(path, allow_pickle=False)
+        with open_regular_file(path) as f:
+            array = np.load(f, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         why = ("it has no .npy header (numpy would unpickle it, which could run code)" if "pickled" in str(e) else
                "an array of Python objects, which could run code" if "Object arrays" in str(e) else in_one_line(e, most=100))
@@ -3918,7 +3925,7 @@ def load_digit_classifier(data_dir, log=print):
     if path.exists():
         try:  # tensors and plain values only, as every file this trainer loads
             net = DigitClassifier()
-            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+            net.load_state_dict(load_tensors(path)["state_dict"])
             return net.eval()
         except Exception:
             log(f"{path} is damaged or not this trainer's: training the classifier again")
@@ -4031,9 +4038,7 @@ def load_feature_net(real, log=print, steps=None):
 
 def read_feature_net(path, key, real):
     """The cached feature net at path, if it is the one for key; raises on anything else."""
-    with warnings.catch_warnings():  # torch warns of pickle protocols it did not write
-        warnings.simplefilter("ignore")
-        saved = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
+    saved = load_tensors(path)
     if not isinstance(saved, dict) or saved.get("key") != key:
         raise ValueError("not the features of these images")
     net = FeatureNet(real.training_images.shape[1], len(real.classes))

@@ -2,7 +2,10 @@
 right data), never a traceback, and a failed start leaves nothing behind."""
 import gzip
 import json
+import os
 import re
+import shutil
+import signal
 import struct
 import subprocess
 import types
@@ -113,6 +116,42 @@ def test_metrics_lines_whose_losses_are_not_plottable_are_left_out(tmp_path, odd
     assert said == [f"{path}: 1 line that is not metrics left out"]
     gan_trainer.plot_losses(kept, tmp_path / "losses.png")
     assert (tmp_path / "losses.png").stat().st_size > 0
+
+
+# ------------------------------------------------------------------ a FIFO in place of a file
+
+class Blocked(BaseException):
+    """Not an OSError: nothing in the trainer may catch it."""
+
+
+@pytest.fixture
+def never_blocks():
+    def alarm(signum, frame):
+        raise Blocked("blocked opening a FIFO")
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("case", ["mnist", "cifar", "params", "newest", "metrics", "evaluate"])
+def test_a_fifo_in_place_of_a_file_is_refused_not_waited_on(tmp_path, capsys, uniform_3_passes, never_blocks, case):
+    run = shutil.copytree(uniform_3_passes, tmp_path / "run")
+    params, data = run / "uniform_params", tmp_path / "data"
+    fifo = {"mnist": data / "mnist_data" / MNIST_IMAGES, "cifar": data / "cifar-10-batches-py" / "data_batch_1",
+            "params": tmp_path / "p.pt", "newest": params / "pass_5.pt", "metrics": params / "metrics.jsonl",
+            "evaluate": tmp_path / "s.npy"}[case]
+    fifo.parent.mkdir(parents=True, exist_ok=True)
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo)
+    generate = ["-d", "uniform", "--generate", 2, "--output", tmp_path / "g"]
+    argv = {"mnist": ["-d", "mnist", "--data_dir", data, "--out_dir", tmp_path], "cifar": ["-d", "cifar", "--data_dir", data,
+            "--out_dir", tmp_path], "params": [*generate, "--params", fifo], "newest": [*generate, "--out_dir", run],
+            "metrics": ["-d", "uniform", "--resume", "--passes", 4, "--out_dir", run, "--compile", 0, "--quiet"],
+            "evaluate": ["-d", "uniform", "--evaluate", fifo]}[case]
+    code, _, err = run_main([*argv, "--use_gpu", 0], capsys)
+    assert_one_line_error(code, err, str(fifo), "not a regular file")
 
 
 # ------------------------------------------------------------------ a gzip bomb for MNIST
