@@ -1461,12 +1461,14 @@ def scan_image_folder(folder, exclude=()):
 
 def is_run_output(path):
     """Whether a folder is a <d>_samples/ or <d>_params/ of a run of this trainer: so named,
-    beside a <d>_params/ that holds a run's lock or checkpoints."""
+    beside a <d>_params/ that holds a run's lock or checkpoints, or a <d>_samples/ that holds a
+    run's pictures or page (its checkpoints moved away)."""
     source, _, kind = os.path.basename(path).rpartition("_")
     if source not in CONFIGS or kind not in ("samples", "params"):
         return False
     params = output_dirs(Path(path).parent, source, make=False)[1]
-    return (params / ".lock").is_file() or any(params.glob("pass_*.pt"))
+    return ((params / ".lock").is_file() or any(params.glob("pass_*.pt"))
+            or kind == "samples" and ((Path(path) / "report.html").is_file() or any(Path(path).glob("train_pass*.png"))))
 
 
 def decode_images(folder, files, size, channels, quiet=True, log=print):

@@ -87,10 +87,15 @@ def test_other_runs_outputs_in_the_folder_are_left_out_and_a_users_folder_of_tha
     Image.new("L", (8, 8)).save(old / "mnist_samples" / "train_pass0.png")
     (root / "folder_samples").mkdir()  # no run beside it: the user's own pictures
     Image.new("L", (8, 8)).save(root / "folder_samples" / "mine.png")
+    moved = root / "moved" / "folder_samples"  # a run's pictures whose checkpoints were moved away
+    moved.mkdir(parents=True)
+    Image.new("L", (8, 8)).save(moved / "train_pass0.png")
+    Image.new("L", (8, 8)).save(moved / "losses.png")
     _, names, said = read(root)
-    assert "folder_samples/mine.png" in names and not any(n.startswith("old/") for n in names)
+    assert "folder_samples/mine.png" in names and not any(n.startswith(("old/", "moved/")) for n in names)
     note = [line for line in said if "left out" in line]
     assert len(note) == 1 and "old/mnist_params" in note[0] and "old/mnist_samples" in note[0]
+    assert "moved/folder_samples" in note[0]
     with pytest.raises(gan_trainer.UserError, match="this run's own output folder"):
         read(old / "mnist_samples", exclude=[old / "mnist_samples", old / "mnist_params"])
 
