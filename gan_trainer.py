@@ -1158,7 +1158,7 @@ def load_resume_checkpoint(args, params_dir):
             raise UserError(f"{flag} does not apply to this {cfg.data_source} run: it learns points, not images")
         if given is not None and type(run_value)(given) != run_value:
             # as the flag spells it: a run's True is --conditional 1
-            spelled = int(run_value) if type(run_value) is bool else run_value
+            spelled = int(run_value) if type(run_value) is bool else "none" if run_value == "" else run_value
             raise UserError(f"{flag} {given} differs from the run's {spelled}: a resumed run keeps its "
                             "configuration (a new run, in another --out_dir, can change it)")
     return ckpt
@@ -1567,7 +1567,8 @@ def read_npy(path, shape):
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         found, fortran, dtype = read_header(f)
         if found != shape or fortran or dtype != np.uint8:
-            raise ValueError(f"it holds {dtype} of shape {found}, not uint8 of shape {shape}")
+            raise ValueError(f"it holds {dtype} of shape {found}{' in Fortran order' if fortran else ''}, "
+                             f"not uint8 of shape {shape}")
         images = np.empty(shape, np.uint8)
         if f.readinto(memoryview(images).cast("B")) != images.nbytes or f.read(1):
             raise ValueError("its images are cut short or followed by more")
@@ -1597,21 +1598,22 @@ class FolderCache:
         except FileNotFoundError:  # none yet
             return None
         except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deeply
-            self.damaged(e, log)
-            return None
+            return self.damaged(self.json, e, log)
         try:
             if meta["listing"] != listing:
                 return None
             names, skipped, again = cached_names(meta, listing)
-            if again and retry:
-                return None
-            return read_npy(self.npy, (len(names), *self.shape)), names, skipped, again
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            self.damaged(e, log)
+        except (ValueError, KeyError, TypeError) as e:
+            return self.damaged(self.json, e, log)
+        if again and retry:
             return None
+        try:
+            return read_npy(self.npy, (len(names), *self.shape)), names, skipped, again
+        except (OSError, ValueError) as e:
+            return self.damaged(self.npy, e, log)
 
-    def damaged(self, e, log):
-        log(f"note: the image cache {shown(self.json)} was damaged ({shown(in_one_line(e, most=80))}); decoding again")
+    def damaged(self, path, e, log):
+        log(f"note: the image cache {shown(path)} was damaged ({shown(in_one_line(e, most=80))}); decoding again")
 
     def save(self, listing, images, names, skipped, again, log=print):
         """Write the cache (the images first, the .json that vouches for them last); a cache that
@@ -3495,7 +3497,7 @@ def generate(args):
     save_array(samples.cpu().numpy().astype(np.float32), npy)
     if labels is not None:
         save_array(labels.numpy(), out.with_name(out.name + ".labels.npy"))
-    columns = min(len(cfg.classes), 10) if labels is not None and args.label is None else 8
+    columns = len(cfg.classes) if labels is not None and args.label is None else 8  # cycling: a column a class
     save_samples(samples, png, f"{plural(args.generate, 'sample')} from {path.name}" + (" (averaged G)" if which else ""),
                  columns)
     write_stdout(f"wrote {plural(args.generate, 'sample')} of shape {tuple(samples.shape[1:])} from {path}{which} to {npy} and {png}"

@@ -268,7 +268,8 @@ def test_a_damaged_cache_is_rebuilt_with_one_line(tmp_path, cache_home, damage):
         images, again, said = read(root)
     assert np.array_equal(images, first) and again == names
     notes = [line for line in said if "was damaged" in line]
-    assert len(notes) == 1 and str(meta) in notes[0] and "decoding again" in notes[0], said
+    damaged = npy if damage in (npz_as_npy, huge_header, fifo_npy) else meta  # the note names the file
+    assert len(notes) == 1 and str(damaged) in notes[0] and "decoding again" in notes[0], said
     assert npy.is_file() and meta.is_file()  # a FIFO is replaced by the cache
     with within(10):
         _, _, said = read(root)
@@ -349,6 +350,17 @@ def test_more_classes_than_the_picture_shows_are_said_at_start(tmp_path):
     data, said = load_folder(root)
     assert len(data.classes) == 11
     assert any("first 10 of the 11 classes, c00 to c09" in line for line in said)
+
+
+def test_generate_puts_a_class_in_each_column_whatever_the_class_count(tmp_path, capsys):
+    root = make_classes(tmp_path / "images", classes=[f"c{k:02d}" for k in range(11)], per_class=1)
+    out = tmp_path / "out"
+    code, _, err = run_main([*RUN, "--conditional", 1, "--passes", 1, "--data_dir", root, "--out_dir", out], capsys)
+    assert code == 0, err
+    code, _, err = run_main(["-d", "folder", "--generate", 22, "--use_gpu", 0, "--out_dir", out], capsys)
+    assert code == 0, err
+    assert np.load(out / "folder_samples" / "generated.labels.npy").tolist() == [k % 11 for k in range(22)]
+    assert Image.open(out / "folder_samples" / "generated.png").size == (11 * 8, 2 * 8)  # 11 columns, 2 rows
 
 
 def test_too_few_images_says_image_for_one(tmp_path):

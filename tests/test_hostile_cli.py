@@ -191,6 +191,7 @@ def test_resuming_with_fewer_passes_than_the_run_has_says_how_many_it_has(unifor
 @pytest.mark.parametrize("flag, value, says", [
     ("--d_batch_norm", 0, "--d_batch_norm 0 differs from the run's 1"),
     ("--g_sigmoid", 1, "--g_sigmoid 1 differs from the run's 0"),
+    ("--augment", "color", "--augment color differs from the run's none"),
     ("--channels", 3, "--channels does not apply to this uniform run"),
     ("--image_size", 64, "--image_size does not apply to this uniform run"),
 ])
