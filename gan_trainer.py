@@ -2405,7 +2405,7 @@ def among_companions(gen, noise, labels, batch_size, generator=None):
     asked = [(labels == c).nonzero().flatten().cpu() for c in range(k)]
     drawn = torch.zeros(k, dtype=torch.long)  # rows of each class drawn so far
     companions = generator or torch.Generator().manual_seed(0)  # never the training's random stream
-    out = noise.new_empty(0)
+    out = None
     for b in itertools.count():
         if all(n >= len(rows) for n, rows in zip(drawn.tolist(), asked)):
             return out
@@ -2422,7 +2422,7 @@ def among_companions(gen, noise, labels, batch_size, generator=None):
         fill = (rows < 0).nonzero().flatten()
         z[fill.to(z.device)] = torch.randn(len(fill), z.shape[1], generator=companions).to(z.device)
         images = gen(z, slots.to(z.device))
-        if not len(out):
+        if out is None:
             out = images.new_empty(len(noise), *images.shape[1:])
         keep = (rows >= 0).to(z.device)
         out[rows[rows >= 0].to(z.device)] = images[keep]
