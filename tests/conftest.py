@@ -3,11 +3,13 @@
 Nothing here downloads anything or reads the real data: MNIST IDX files and CIFAR-10
 python batches are written by the fixtures themselves.
 """
+import contextlib
 import gzip
 import io
 import os
 import pickle
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -84,6 +86,24 @@ def assert_one_line_error(returncode, stderr, *fragments):
     for fragment in fragments:
         assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
     return lines[0]
+
+
+class Blocked(BaseException):
+    """A call that blocked (on a FIFO): not an OSError, so nothing in the trainer can catch it."""
+
+
+@contextlib.contextmanager
+def within(seconds):
+    """Fails a call that blocks instead of hanging the suite."""
+    def late(signum, frame):
+        raise Blocked(f"blocked for {seconds} s")
+    before = signal.signal(signal.SIGALRM, late)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
 
 
 def run_main(argv, capsys):

@@ -4,11 +4,9 @@ thin and huge images, names that would break a one-line message, empty and many 
 
 The folders are built here, tiny; the decoded-image cache goes to a temporary XDG_CACHE_HOME.
 """
-import contextlib
 import errno
 import json
 import os
-import signal
 import warnings
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from PIL import Image
 
 import gan_conf
 import gan_trainer
-from conftest import assert_one_line_error, load_ckpt, run_main
+from conftest import assert_one_line_error, load_ckpt, run_main, within
 
 
 @pytest.fixture(autouse=True)
@@ -240,20 +238,6 @@ def fifo_json(npy, meta):
 def fifo_npy(npy, meta):
     npy.unlink()
     os.mkfifo(npy)
-
-
-@contextlib.contextmanager
-def within(seconds):
-    """Fails a call that blocks (on a FIFO) instead of hanging the suite."""
-    def late(signum, frame):
-        raise TimeoutError(f"blocked for {seconds} s")
-    before = signal.signal(signal.SIGALRM, late)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, before)
 
 
 @pytest.mark.parametrize("damage", [npz_as_npy, deep_json, short_skipped_entry, null_names, null_name_entries,
